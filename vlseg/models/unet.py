@@ -1,0 +1,84 @@
+"""nnU-Net-style 3D U-Net (conv–InstanceNorm–LeakyReLU) returning multi-scale features and a per-voxel embedding.
+
+MONAI's ``DynUNet`` has this block structure but returns only logits (and deep-supervision heads); the fusion modules
+need every decoder stage's feature map and an embedding per voxel, so the stages are assembled here from MONAI's
+``Convolution`` block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from vlseg.registry import IMAGE_ENCODERS
+
+_NORM = ("instance", {"affine": True})
+_ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
+
+
+@dataclass
+class ImageFeatures:
+    """What every image encoder hands to a fusion module.
+
+    ``multiscale[i]`` are feature maps ordered fine → coarse (index 0 at full resolution, -1 the bottleneck);
+    ``voxel_embedding`` is ``[B, embed_dim, D, H, W]`` at the input resolution.
+    """
+
+    multiscale: list[torch.Tensor]
+    voxel_embedding: torch.Tensor
+
+
+def _stage(in_ch: int, out_ch: int, n_convs: int, stride) -> nn.Sequential:
+    layers = [Convolution(3, in_ch, out_ch, strides=stride, kernel_size=3, norm=_NORM, act=_ACT)]
+    layers += [Convolution(3, out_ch, out_ch, kernel_size=3, norm=_NORM, act=_ACT) for _ in range(n_convs - 1)]
+    return nn.Sequential(*layers)
+
+
+@IMAGE_ENCODERS.register("unet3d")
+class UNet3D(nn.Module):
+    def __init__(self, in_channels: int = 1, widths=(16, 32, 64, 128), strides=(1, 2, 2, 2), convs_per_stage: int = 2,
+                 embed_dim: int = 32):
+        super().__init__()
+        if len(widths) != len(strides):
+            raise ValueError("image_encoder.widths and image_encoder.strides must have the same length")
+        self.in_channels = in_channels
+        self.widths, self.strides = list(widths), [int(s) for s in strides]
+        self.embed_dim = embed_dim
+        self.encoder = nn.ModuleList()
+        prev = in_channels
+        for width, stride in zip(self.widths, self.strides):
+            self.encoder.append(_stage(prev, width, convs_per_stage, stride))
+            prev = width
+        self.up = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for level in range(len(self.widths) - 1, 0, -1):
+            stride = self.strides[level]
+            self.up.append(nn.ConvTranspose3d(self.widths[level], self.widths[level - 1], stride, stride=stride))
+            self.decoder.append(_stage(2 * self.widths[level - 1], self.widths[level - 1], convs_per_stage, 1))
+        self.embed = nn.Conv3d(self.widths[0], embed_dim, kernel_size=1)
+
+    @property
+    def feature_channels(self) -> list[int]:
+        """Channels of ``ImageFeatures.multiscale``, fine → coarse."""
+        return list(self.widths)
+
+    @property
+    def total_stride(self) -> int:
+        out = 1
+        for s in self.strides:
+            out *= s
+        return out
+
+    def forward(self, x: torch.Tensor) -> ImageFeatures:
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        decoded = [x]
+        for up, stage, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
+            x = stage(torch.cat([up(x), skip], dim=1))
+            decoded.append(x)
+        return ImageFeatures(multiscale=decoded[::-1], voxel_embedding=self.embed(x))

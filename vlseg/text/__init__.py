@@ -1,0 +1,12 @@
+"""Text encoders behind one interface: ``encode(list of str) → [N, D]``, chosen by ``text_encoder.name``."""
+
+from vlseg.registry import TEXT_ENCODERS
+from vlseg.text import clip, hf, onehot  # noqa: F401  (registration; heavy libraries load only when built)
+from vlseg.text.base import TextEncoder, clear_embedding_cache
+
+
+def build_text_encoder(section: dict, vocabulary) -> TextEncoder:
+    return TEXT_ENCODERS.build(section, vocabulary=vocabulary)
+
+
+__all__ = ["TextEncoder", "build_text_encoder", "clear_embedding_cache"]

@@ -1,0 +1,79 @@
+"""The text-encoder interface and the embedding cache that makes a frozen encoder free per step."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# (encoder identity key, text) → embedding on the CPU.  Module-level so that every model built in the process with
+# the same frozen encoder shares it (a training run, its evaluation and a Segmenter in the same notebook).
+_EMBEDDING_CACHE: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def clear_embedding_cache() -> None:
+    _EMBEDDING_CACHE.clear()
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """Content hash of weight files: a checkpoint records it so a different encoder behind the same path is noticed."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+class TextEncoder(nn.Module):
+    """``encode(list of str) → tensor [N, dim]``.
+
+    Subclasses implement ``embed`` (differentiable, no cache) and ``identity`` (what a checkpoint needs to rebuild the
+    same encoder).  A frozen encoder's embeddings are cached by (identity, text).
+    """
+
+    dim: int
+    frozen: bool = True
+
+    def __init__(self):
+        super().__init__()
+        self.forward_calls = 0  # texts actually run through the network (the cache's effect is observable)
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def cache_key(self) -> str:
+        ident = self.identity()
+        return "|".join(f"{k}={ident[k]}" for k in sorted(ident))
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        self.forward_calls += len(texts)
+        return self.embed(list(texts))
+
+    def freeze_(self) -> "TextEncoder":
+        self.frozen = True
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode (no dropout) whatever the surrounding model does.
+        return super().train(mode and not self.frozen)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        if not self.frozen:
+            return self(texts)
+        key = self.cache_key()
+        missing = [t for t in dict.fromkeys(texts) if (key, t) not in _EMBEDDING_CACHE]
+        if missing:
+            with torch.no_grad():
+                out = self(missing).float().cpu()
+            for text, vec in zip(missing, out):
+                _EMBEDDING_CACHE[(key, text)] = vec
+        return torch.stack([_EMBEDDING_CACHE[(key, t)] for t in texts])
