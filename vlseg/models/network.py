@@ -52,3 +52,42 @@ def build_network(cfg: dict, vocabulary) -> tuple[VLSegNet, TextEncoder]:
                            feature_channels=image_encoder.feature_channels, embed_dim=image_encoder.embed_dim)
     net = VLSegNet(image_encoder, fusion, None if text_encoder.frozen else text_encoder)
     return net, text_encoder
+
+
+def prompt_inputs(texts: list[list[str]], text_encoder: TextEncoder, device) -> torch.Tensor | tuple:
+    """Per-sample prompt lists → what ``VLSegNet`` takes: cached embeddings ``[B, Q, D]`` for a frozen encoder,
+    ``(distinct texts, [B, Q] index)`` for a trained one.  Padding positions point at entry 0 (masked later)."""
+    q = max(1, max((len(row) for row in texts), default=0))
+    distinct = list(dict.fromkeys(t for row in texts for t in row)) or [""]
+    where = {t: i for i, t in enumerate(distinct)}
+    index = torch.zeros((len(texts), q), dtype=torch.long)
+    for b, row in enumerate(texts):
+        index[b, : len(row)] = torch.tensor([where[t] for t in row], dtype=torch.long)
+    if not text_encoder.frozen:
+        return distinct, index.to(device)
+    return text_encoder.encode(distinct).to(device)[index.to(device)]
+
+
+def network_from_checkpoint(path) -> tuple[VLSegNet, TextEncoder, "Vocabulary", dict, dict]:  # noqa: F821
+    """Rebuild ``(net, text_encoder, vocabulary, config, meta)`` from a checkpoint or run directory.
+
+    The text encoder is rebuilt from the recorded config and its identity (weights fingerprint) must match the one the
+    model was trained with: a different tower behind the same path would silently give meaningless queries.
+    """
+    from vlseg.checkpoint import load_network_state, read_checkpoint
+    from vlseg.errors import VlsegError
+    from vlseg.vocab import Vocabulary
+
+    ckpt, meta, state = read_checkpoint(path)
+    cfg = meta["config"]
+    vocabulary = Vocabulary.from_dict(meta["vocabulary"], str(ckpt))
+    try:
+        net, text_encoder = build_network(cfg, vocabulary)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VlsegError(f"{ckpt}: cannot rebuild the network from its config ({exc})") from None
+    want, got = meta["text_encoder"].get("fingerprint"), text_encoder.identity().get("fingerprint")
+    if want != got:
+        raise VlsegError(f"{ckpt}: text encoder {text_encoder.identity().get('path', '')} has fingerprint {got}, "
+                         f"but the model was trained with {want}")
+    load_network_state(net, state, ckpt / "model.safetensors")
+    return net, text_encoder, vocabulary, cfg, meta

@@ -1,0 +1,74 @@
+"""Masked back-propagation: unannotated queries contribute exactly nothing."""
+
+import torch
+
+from vlseg.losses import LOSSES, SegmentationLoss, soft_dice_loss
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 6, 6, 4, generator=g, requires_grad=True)
+    presence = torch.randn(2, 3, generator=g, requires_grad=True)
+    target = torch.zeros(2, 3, 6, 6, 4)
+    target[0, 0, 1:4, 1:4, 1:3] = 1  # annotated, present
+    target[1, 1, 2:5, 2:5, :] = 1  # annotated, present
+    # [0, 1] annotated but absent (a negative); [0, 2] and [1, 2] not annotated; [1, 0] is padding
+    annotated = torch.tensor([[True, True, False], [False, True, False]])
+    query_mask = torch.tensor([[True, True, True], [False, True, True]])
+    return {"mask_logits": logits, "presence_logits": presence}, target, annotated, query_mask
+
+
+def test_gradient_is_exactly_zero_through_unannotated_and_padded_queries():
+    out, target, annotated, query_mask = _batch()
+    parts = LOSSES.build({"name": "masked"})(out, target, annotated, query_mask)
+    assert parts["n"] == 3
+    parts["loss"].backward()
+    g, gp = out["mask_logits"].grad, out["presence_logits"].grad
+    for b, q in [(0, 2), (1, 2), (1, 0)]:  # unannotated, unannotated, padding
+        assert torch.count_nonzero(g[b, q]) == 0 and gp[b, q] == 0
+    for b, q in [(0, 0), (0, 1), (1, 1)]:  # supervised, including the in-set negative
+        assert torch.count_nonzero(g[b, q]) > 0 and gp[b, q] != 0
+
+
+def test_naive_variant_supervises_unannotated_as_background_and_differs():
+    out, target, annotated, query_mask = _batch()
+    masked = LOSSES.build({"name": "masked"})(out, target, annotated, query_mask)
+    naive = LOSSES.build({"name": "naive"})(out, target, annotated, query_mask)
+    assert naive["n"] == 5 and not torch.isclose(masked["loss"], naive["loss"])
+    naive["loss"].backward()
+    assert torch.count_nonzero(out["mask_logits"].grad[0, 2]) > 0  # pushed towards background
+    assert torch.count_nonzero(out["mask_logits"].grad[1, 0]) == 0  # padding is never supervised
+
+
+def test_masked_loss_ignores_what_unannotated_queries_predict():
+    out, target, annotated, query_mask = _batch()
+    loss_fn = SegmentationLoss("masked")
+    base = loss_fn(out, target, annotated, query_mask)["loss"]
+    changed = {k: v.detach().clone() for k, v in out.items()}
+    changed["mask_logits"][0, 2] = 50.0  # wild predictions where nothing is annotated
+    changed["presence_logits"][1, 2] = -50.0
+    assert torch.equal(loss_fn(changed, target, annotated, query_mask)["loss"], base.detach())
+
+
+def test_empty_target_dice_is_defined_explicitly():
+    target = torch.zeros(1, 1000)
+    assert soft_dice_loss(torch.zeros(1, 1000), target).item() == 0.0  # nothing predicted: perfect
+    everything = soft_dice_loss(torch.ones(1, 1000), target).item()
+    assert everything > 0.9  # the whole crop predicted: near-maximal loss, not ≈0 as smoothed Dice would say
+    small = soft_dice_loss(torch.full((1, 1000), 0.1), target, empty_kappa=100.0).item()
+    assert abs(small - 0.5) < 1e-6  # Σp = κ gives ½
+    # Non-empty target: the ordinary Dice.
+    t = torch.zeros(1, 10)
+    t[0, :5] = 1
+    p = torch.zeros(1, 10)
+    p[0, :5] = 1
+    assert soft_dice_loss(p, t).item() < 1e-6
+    assert abs(soft_dice_loss(1 - p, t).item() - 1.0) < 1e-6
+
+
+def test_no_supervised_query_gives_zero_loss_with_a_graph():
+    out, target, _, query_mask = _batch()
+    parts = SegmentationLoss("masked")(out, target, torch.zeros(2, 3, dtype=torch.bool), query_mask)
+    assert parts["n"] == 0 and parts["loss"].item() == 0.0
+    parts["loss"].backward()
+    assert torch.count_nonzero(out["mask_logits"].grad) == 0

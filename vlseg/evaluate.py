@@ -1,0 +1,112 @@
+"""Evaluation: ``python evaluate.py --checkpoint RUN --manifest M --split test``.
+
+Every case is segmented with one prompt per class its dataset annotates (the canonical class name, or a chosen
+wording), scored with Dice, NSD (tolerance in mm) and HD95 (mm, from the voxel spacing).  A prompt for a class that
+is absent from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as correct
+(Dice 1) when it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from vlseg.data.manifest import read_manifest
+from vlseg.errors import VlsegError
+from vlseg.io import load_label, load_scan
+from vlseg.metrics import score_case, summarise
+
+COLUMNS = ["case_id", "dataset", "class", "prompt", "dice", "nsd", "hd95", "presence_probability", "gt_voxels",
+           "pred_voxels", "gt_volume_ml", "pred_volume_ml", "false_positive", "false_negative"]
+
+
+def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
+             nsd_tolerance_mm: float = 2.0, classes: list[str] | None = None, progress: bool = True) -> dict:
+    cases = read_manifest(manifest, split=split)
+    if not cases:
+        raise VlsegError(f"{manifest}: no cases in split {split!r}")
+    rows = []
+    for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
+        scan = load_scan(case.image)
+        label = load_label(case.label, like=scan)
+        names = [c for c in case.classes if classes is None or c in classes]
+        if not names:
+            continue
+        result = segmenter.segment(scan, names, modality=case.modality)
+        for name, r in zip(names, result.results):
+            scores = score_case(r.mask.astype(bool), case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)
+            rows.append({"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
+                         "presence_probability": r.presence_probability, **scores})
+    summary = {
+        "split": split,
+        "manifest": str(manifest),
+        "checkpoint": getattr(segmenter, "checkpoint", ""),
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        "cases": len({r["case_id"] for r in rows}),
+        "by_class": summarise(rows, ("class",)),
+        "by_dataset_class": summarise(rows, ("dataset", "class")),
+        "overall": summarise(rows, ()),
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "per_case.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
+    summary["rows"] = rows
+    return summary
+
+
+def _finite(obj):
+    """JSON has no NaN: write null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"{'class':<16}{'n':>4}{'Dice':>14}{'NSD':>14}{'HD95 mm':>10}{'FP':>4}{'FN':>4}"]
+    for row in summary["by_class"]:
+        lines.append(f"{row['class']:<16}{row['n']:>4}{row['dice_mean']:>8.3f}±{row['dice_std']:<5.3f}"
+                     f"{row['nsd_mean']:>8.3f}±{row['nsd_std']:<5.3f}{row['hd95_mean']:>10.2f}"
+                     f"{row['false_positives']:>4}{row['false_negatives']:>4}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from vlseg.cli import run_guarded
+
+    parser = argparse.ArgumentParser(prog="evaluate.py", description="Score a checkpoint on a manifest split.")
+    parser.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    parser.add_argument("--manifest", help="manifest JSONL (default: the one the model was trained on)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--out", help="output folder (default: <run>/eval-<split>)")
+    parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    def go():
+        from vlseg.checkpoint import resolve_checkpoint
+        from vlseg.inference import Segmenter
+
+        ckpt = resolve_checkpoint(args.checkpoint)
+        segmenter = Segmenter.from_pretrained(ckpt, device=args.device)
+        manifest = args.manifest or segmenter.config["data"]["manifest"]
+        out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
+        summary = evaluate(segmenter, manifest, args.split, out, args.nsd_tolerance, progress=not args.no_progress)
+        print(format_table(summary))
+        print(f"per-case scores: {out / 'per_case.csv'}\nsummary: {out / 'summary.json'}")
+
+    return run_guarded(go)

@@ -1,0 +1,196 @@
+"""Training: ``python train.py --config configs/<name>.yaml [key=value ...] [--resume RUN_OR_CHECKPOINT]``.
+
+Built on accelerate, so the same loop runs on a CPU, one GPU, or (issue #4) DeepSpeed.  AdamW with linear warm-up and
+cosine decay, gradient clipping, mixed precision where the device supports it, seeded and index-determined data, a
+progress bar with the loss, TensorBoard scalars, the resolved config saved with the run, periodic atomic checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vlseg.checkpoint import list_checkpoints, load_network_state, read_checkpoint, save_checkpoint
+from vlseg.config import apply_overrides, load_config, save_config
+from vlseg.data.crops import CropDataset, collate, load_case
+from vlseg.data.manifest import read_manifest
+from vlseg.errors import VlsegError
+from vlseg.losses import LOSSES
+from vlseg.models.network import build_network, prompt_inputs
+from vlseg.vocab import Vocabulary
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"  # CPU autocast for 3D convolutions is slower than fp32 on most CPUs
+
+
+def make_accelerator(cfg: dict):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg["train"]["mixed_precision"]),
+                       cpu=not torch.cuda.is_available())
+
+
+def load_training_cases(cfg: dict, split: str, progress: bool = True):
+    manifest = Path(cfg["data"]["manifest"])
+    cases = read_manifest(manifest, split=split)
+    if not cases:
+        raise VlsegError(f"{manifest}: no cases in split {split!r}")
+    return [load_case(c, cfg["data"]["ct_window"], cfg["data"]["target_spacing"])
+            for c in tqdm(cases, desc=f"loading {split} cases", disable=not progress, leave=False)]
+
+
+def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run (or continue) training; returns the run directory."""
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    run_dir = Path(cfg["output_root"]) / cfg["run_name"]
+    ckpt_dir = meta = state = None
+    if resume is not None:
+        ckpt_dir, meta, state = read_checkpoint(resume)
+    elif list_checkpoints(run_dir):
+        if not overwrite:
+            raise VlsegError(f"{run_dir}: run already has checkpoints; pass --resume {run_dir}, --overwrite, "
+                             f"or choose another run_name=")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    if tcfg.get("threads"):
+        torch.set_num_threads(int(tcfg["threads"]))
+
+    from accelerate.utils import set_seed
+
+    set_seed(int(cfg["seed"]))
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    vocabulary = Vocabulary.load(cfg["vocabulary"]) if meta is None else Vocabulary.from_dict(meta["vocabulary"])
+    cases = load_training_cases(cfg, dcfg["train_split"], progress and main)
+    net, text_encoder = build_network(cfg, vocabulary)
+    if state is not None:
+        load_network_state(net, state, ckpt_dir)
+    loss_fn = LOSSES.build(cfg["loss"])
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
+    steps = int(tcfg["steps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, int(tcfg["warmup_steps"]), steps, float(tcfg["min_lr_ratio"])))
+    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    start = 0
+    if ckpt_dir is not None:
+        accelerator.load_state(str(ckpt_dir / "training_state"))
+        start = int(meta["step"])
+    if text_encoder.frozen:
+        text_encoder.to(accelerator.device)
+        text_encoder.encode(vocabulary.all_texts())  # fill the cache once; steps then only look embeddings up
+
+    batch = int(tcfg["batch_size"])
+    dataset = CropDataset(cases, vocabulary, dcfg["crop_size"], seed=int(cfg["seed"]),
+                          foreground_prob=float(dcfg["foreground_prob"]), max_queries=int(dcfg["max_queries"]),
+                          synonyms=bool(dcfg["synonyms"]), query_unannotated=loss_fn.partial_labels == "naive")
+    indices = list(range(start * batch, steps * batch))  # sample i of the run is always dataset[i]
+    loader = DataLoader(dataset, batch_size=batch, sampler=indices, collate_fn=collate,
+                        num_workers=int(dcfg["num_workers"]))
+
+    meta_out = {"config": cfg, "vocabulary": vocabulary.to_dict(), "text_encoder": text_encoder.identity(),
+                "run_name": cfg["run_name"]}
+
+    def checkpoint(step: int) -> Path:
+        accelerator.wait_for_everyone()
+        if not main:
+            return run_dir
+        return save_checkpoint(run_dir, step, accelerator.unwrap_model(net).state_dict(), meta_out,
+                               save_training_state=lambda folder: accelerator.save_state(str(folder)),
+                               keep=tcfg.get("keep_checkpoints"))
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+    log_path = run_dir / "metrics.jsonl"
+    if main and start == 0:
+        log_path.write_text("")
+    bar = tqdm(total=steps, initial=start, desc=cfg["run_name"], disable=not (progress and main), dynamic_ncols=True)
+    device, t_last, step = accelerator.device, time.perf_counter(), start
+    for step, sample in enumerate(loader, start=start + 1):
+        net.train()
+        prompts = prompt_inputs(sample["texts"], text_encoder, device)
+        with accelerator.autocast():
+            out = net(sample["image"].to(device), prompts, sample["query_mask"].to(device))
+        parts = loss_fn(out, sample["target"].to(device), sample["annotated"].to(device),
+                        sample["query_mask"].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(parts["loss"])
+        grad_norm = accelerator.clip_grad_norm_(net.parameters(), float(tcfg["grad_clip"]))
+        optimizer.step()
+        scheduler.step()
+        record = {"step": step, "loss": float(parts["loss"]), "bce": float(parts["bce"]),
+                  "dice": float(parts["dice"]), "presence": float(parts["presence"]),
+                  "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", dice=f"{record['dice']:.3f}")
+            if step % int(tcfg["log_every"]) == 0 or step == steps:
+                now = time.perf_counter()
+                for key in ("loss", "bce", "dice", "presence", "grad_norm", "lr"):
+                    writer.add_scalar(f"train/{key}", record[key], step)
+                writer.add_scalar("train/samples_per_s", batch * int(tcfg["log_every"]) / max(now - t_last, 1e-9),
+                                  step)
+                t_last = now
+        if step % int(tcfg["checkpoint_every"]) == 0 and step != steps:
+            checkpoint(step)
+    bar.close()
+    if step > start or not list_checkpoints(run_dir):
+        checkpoint(step)
+    if writer is not None:
+        writer.close()
+    accelerator.end_training()
+    return run_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train a text-prompted 3D segmenter.")
+    parser.add_argument("--config", help="experiment YAML (configs/...); defaults apply where it is silent")
+    parser.add_argument("--resume", help="run or checkpoint directory to continue from (its config is reused)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=200")
+    return parser
+
+
+def main(argv=None) -> int:
+    from vlseg.cli import run_guarded
+
+    args = build_parser().parse_args(argv)
+
+    def go():
+        if args.resume:
+            _, meta, _ = read_checkpoint(args.resume)
+            cfg = apply_overrides(meta["config"], args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"run saved in {run_dir}")
+
+    return run_guarded(go)
