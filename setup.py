@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Text-prompted 3D medical image segmentation (CT/MR) with masked back-propagation",
     packages=find_packages(include=["vlseg", "vlseg.*", "data_prep", "data_prep.*"]),
+    package_data={"vlseg": ["resources/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

@@ -45,7 +45,9 @@ class UNet3D(nn.Module):
         if len(widths) != len(strides):
             raise ValueError("image_encoder.widths and image_encoder.strides must have the same length")
         self.in_channels = in_channels
-        self.widths, self.strides = list(widths), [int(s) for s in strides]
+        # A stride is an int or a per-axis triple (anisotropic scans: no down-sampling along the thick-slice axis).
+        self.widths = list(widths)
+        self.strides = [tuple(int(v) for v in s) if isinstance(s, (list, tuple)) else (int(s),) * 3 for s in strides]
         self.embed_dim = embed_dim
         self.encoder = nn.ModuleList()
         prev = in_channels
@@ -66,11 +68,12 @@ class UNet3D(nn.Module):
         return list(self.widths)
 
     @property
-    def total_stride(self) -> int:
-        out = 1
+    def total_stride(self) -> tuple[int, int, int]:
+        """Down-sampling factor of the bottleneck per axis: crop sizes should be multiples of it."""
+        out = [1, 1, 1]
         for s in self.strides:
-            out *= s
-        return out
+            out = [a * b for a, b in zip(out, s)]
+        return tuple(out)
 
     def forward(self, x: torch.Tensor) -> ImageFeatures:
         skips = []

@@ -1,0 +1,95 @@
+"""U-Net features and the query decoder: shapes, padding, self-attention option, positional encodings."""
+
+import pytest
+import torch
+
+from vlseg.config import load_config
+from vlseg.models.network import VLSegNet, build_network, prompt_inputs
+from vlseg.models.query_decoder import QueryDecoder, sinusoidal_positions_3d
+from vlseg.models.unet import UNet3D
+from vlseg.vocab import Vocabulary
+
+
+def test_unet_multiscale_features_and_voxel_embedding():
+    net = UNet3D(widths=(4, 8, 16, 32), strides=(1, 2, 2, 2), embed_dim=6, convs_per_stage=3)
+    feats = net(torch.randn(2, 1, 32, 32, 16))
+    assert [tuple(f.shape) for f in feats.multiscale] == [(2, 4, 32, 32, 16), (2, 8, 16, 16, 8), (2, 16, 8, 8, 4),
+                                                         (2, 32, 4, 4, 2)]
+    assert feats.voxel_embedding.shape == (2, 6, 32, 32, 16)
+    assert net.feature_channels == [4, 8, 16, 32] and net.total_stride == (8, 8, 8)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    acts = [m for m in net.modules() if isinstance(m, torch.nn.LeakyReLU)]
+    assert norms and len(norms) == len(acts)  # conv–InstanceNorm–LeakyReLU throughout
+
+
+def test_unet_anisotropic_strides():
+    net = UNet3D(widths=(4, 8, 16), strides=(1, 2, (2, 2, 1)), embed_dim=4)
+    feats = net(torch.randn(1, 1, 16, 16, 8))
+    assert feats.multiscale[-1].shape[2:] == (4, 4, 4)
+    assert feats.voxel_embedding.shape[2:] == (16, 16, 8)
+
+
+def test_positions_distinguish_voxels_and_scale_free():
+    pos = sinusoidal_positions_3d((4, 4, 2), 36)
+    assert pos.shape == (32, 36)
+    assert torch.cdist(pos, pos).fill_diagonal_(1).min() > 1e-3
+    # The centre of a coarse cell equals the mean position of the fine cells' region only approximately, but the
+    # same normalised coordinate gives the same code on any grid:
+    assert torch.allclose(sinusoidal_positions_3d((1, 1, 1), 36), sinusoidal_positions_3d((1, 1, 1), 36))
+
+
+def _decoder(self_attention=True):
+    torch.manual_seed(0)
+    return QueryDecoder(text_dim=12, feature_channels=[4, 8, 16], embed_dim=6, dim=24, layers=2, heads=2,
+                        self_attention=self_attention, key_scales=[-1, -2]).eval()
+
+
+def _features(batch=2):
+    torch.manual_seed(1)
+    return UNet3D(widths=(4, 8, 16), strides=(1, 2, 2), embed_dim=6).eval()(torch.randn(batch, 1, 16, 16, 8))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_padded_queries_do_not_change_real_ones(self_attention):
+    dec, feats = _decoder(self_attention), _features()
+    prompts = torch.randn(2, 3, 12)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    out = dec(feats, prompts, mask)
+    assert out["mask_logits"].shape == (2, 3, 16, 16, 8) and out["presence_logits"].shape == (2, 3)
+    garbage = prompts.clone()
+    garbage[0, 2] = 100.0
+    garbage[1, 1:] = -100.0
+    out2 = dec(feats, garbage, mask)
+    assert torch.allclose(out["mask_logits"][0, :2], out2["mask_logits"][0, :2], atol=1e-5)
+    assert torch.allclose(out["presence_logits"][1, 0], out2["presence_logits"][1, 0], atol=1e-5)
+    assert torch.isfinite(dec(feats, prompts, torch.zeros(2, 3, dtype=torch.bool))["mask_logits"]).all()
+
+
+def test_self_attention_lets_queries_see_each_other():
+    feats, prompts = _features(1), torch.randn(1, 2, 12)
+    other = prompts.clone()
+    other[0, 1] = torch.randn(12)
+    for self_attention, should_change in [(True, True), (False, False)]:
+        dec = _decoder(self_attention)
+        a = dec(feats, prompts[:, :2])["mask_logits"][0, 0]
+        b = dec(feats, other)["mask_logits"][0, 0]
+        assert (not torch.allclose(a, b, atol=1e-6)) == should_change
+
+
+def test_trainable_text_encoder_lives_inside_the_network(tiny_bert_dir):
+    vocab = Vocabulary.load()
+    base = [f"text_encoder.path={tiny_bert_dir}", "image_encoder.widths=[4, 8]", "image_encoder.strides=[1, 2]",
+            "image_encoder.embed_dim=4", "fusion.dim=16", "fusion.heads=2", "fusion.layers=1"]
+    frozen_net, frozen_enc = build_network(load_config(None, base), vocab)
+    assert frozen_net.text_encoder is None and frozen_enc.frozen
+    assert not any(k.startswith("text_encoder") for k in frozen_net.state_dict())
+    net, enc = build_network(load_config(None, base + ["text_encoder.freeze=false"]), vocab)
+    assert net.text_encoder is enc and any(k.startswith("text_encoder") for k in net.state_dict())
+    prompts = prompt_inputs([["liver", "spleen"], ["liver"]], enc, "cpu")
+    assert prompts[0] == ["liver", "spleen"] and prompts[1].tolist() == [[0, 1], [0, 0]]
+    out = net(torch.randn(2, 1, 8, 8, 8), prompts, torch.tensor([[True, True], [True, False]]))
+    out["mask_logits"][:, 0].mean().backward()
+    assert enc.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    cached = prompt_inputs([["liver", "spleen"], ["liver"]], frozen_enc, "cpu")
+    assert cached.shape == (2, 2, 32) and torch.equal(cached[0, 0], cached[1, 0])
+    assert isinstance(frozen_net, VLSegNet)
