@@ -73,7 +73,7 @@ def tiny_overrides(tmp: Path, manifest: Path, text_encoder_dir: Path, **extra) -
         "train.keep_checkpoints": 5,
     }
     out.update(extra)
-    return [f"{k}={v}" for k, v in out.items()]
+    return [f"{k}={v}" for k, v in out.items() if v is not None]  # None drops a key
 
 
 @pytest.fixture(scope="session")

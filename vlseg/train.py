@@ -143,7 +143,7 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
         grad_norm = accelerator.clip_grad_norm_(net.parameters(), float(tcfg["grad_clip"]))
         optimizer.step()
         scheduler.step()
-        record = {"step": step, "loss": float(parts["loss"]), "bce": float(parts["bce"]),
+        record = {"step": step, "loss": float(parts["loss"].detach()), "bce": float(parts["bce"]),
                   "dice": float(parts["dice"]), "presence": float(parts["presence"]),
                   "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
         if main:
