@@ -40,11 +40,16 @@ def predict(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def go():
-        from vlseg.inference import Segmenter, validate_prompts
         from vlseg.io import load_scan
+        from vlseg.prompts import validate_prompts
 
         prompts = validate_prompts(args.prompt)
-        scan = load_scan(args.input)  # check the input before spending time on the model
+        scan = load_scan(args.input)  # check the input before importing and loading the model
+        from vlseg.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(args.model)
+        from vlseg.inference import Segmenter
+
         segmenter = Segmenter.from_pretrained(args.model, device=args.device)
         result = segmenter.segment(scan, prompts, modality=args.modality)
         files = result.save(args.output, overlay=not args.no_overlay)

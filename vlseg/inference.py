@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -22,25 +21,7 @@ import torch
 from vlseg.errors import VlsegError
 from vlseg.io import Scan, load_scan, normalize_intensity, resample_to_shape, resample_to_spacing, save_like
 from vlseg.models.network import network_from_checkpoint
-
-
-def validate_prompts(prompts) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts or [])
-    if not prompts:
-        raise VlsegError("no prompt given: pass at least one, e.g. -p 'liver'")
-    out = []
-    for i, p in enumerate(prompts, 1):
-        if not isinstance(p, str) or not p.strip():
-            raise VlsegError(f"prompt {i} is blank: give a structure name such as 'liver tumor'")
-        if p.strip() not in out:
-            out.append(p.strip())
-    return out
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "prompt"
+from vlseg.prompts import slug, validate_prompts
 
 
 @dataclass

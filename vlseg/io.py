@@ -49,6 +49,18 @@ class Scan:
         return apply_orientation(arr, back)
 
 
+def _gzip_intact(path: Path) -> bool:
+    if path.suffix != ".gz":
+        return True
+    try:
+        with gzip.open(path, "rb") as fh:
+            while fh.read(1 << 20):
+                pass
+        return True
+    except (EOFError, OSError, zlib.error):
+        return False
+
+
 def _read(path: Path, what: str) -> nib.Nifti1Image:
     if not path.exists():
         raise VlsegError(f"{path}: file not found")
@@ -60,6 +72,8 @@ def _read(path: Path, what: str) -> nib.Nifti1Image:
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise VlsegError(f"{path}: truncated or corrupt gzip stream ({exc})") from None
     except nib.filebasedimages.ImageFileError:
+        if not _gzip_intact(path):  # a cut .gz fails as "unknown format" when the cut is inside the header
+            raise VlsegError(f"{path}: truncated or corrupt gzip stream") from None
         raise VlsegError(f"{path}: not a NIfTI {what} (unrecognised file format)") from None
     except (OSError, ValueError, MemoryError) as exc:
         raise VlsegError(f"{path}: unreadable {what} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
