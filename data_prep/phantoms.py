@@ -118,7 +118,7 @@ def _affine(shape, spacing) -> np.ndarray:
     return aff
 
 
-def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0),
+def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(56, 56, 40), spacing=(3.0, 3.0, 3.0),
                     seed: int = 0, progress: bool = True) -> Path:
     """Write the corpus; returns the manifest path.  Deterministic for a seed."""
     out_dir = Path(out_dir)
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="data/phantoms")
     parser.add_argument("--n-train", type=int, default=12, help="cases per training dataset (one becomes val)")
     parser.add_argument("--n-test", type=int, default=6)
-    parser.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48])
+    parser.add_argument("--shape", type=int, nargs=3, default=[56, 56, 40])
     parser.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -41,6 +41,7 @@ class SegmentationResult:
     results: list[PromptResult]
     runtime_s: float
     checkpoint: str
+    display_window: tuple[float, float] | None = None  # intensity window for the overlay (CT: the model's window)
     extra: dict = field(default_factory=dict)
 
     def mask(self, prompt: str, space: str = "original") -> np.ndarray:
@@ -86,7 +87,7 @@ class SegmentationResult:
             written = {p: out_dir / f for p, f in files.items()}
             if overlay:
                 save_overlay(self.scan.data, {r.prompt: r.mask.astype(bool) for r in self.results},
-                             tmp / "overlay.png", spacing=self.scan.spacing,
+                             tmp / "overlay.png", spacing=self.scan.spacing, window=self.display_window,
                              title=Path(self.scan.path).name if self.scan.path else None)
                 written["overlay"] = out_dir / "overlay.png"
             (tmp / "report.json").write_text(json.dumps(self.report(files), indent=2))
@@ -156,5 +157,6 @@ class Segmenter:
                 mask = np.zeros(scan.data.shape, np.uint8)
             results.append(PromptResult(prompt, self.vocabulary.resolve(prompt), p_present, bool(mask.any()), mask,
                                         int(mask.sum()), int(mask.sum()) * voxel_ml))
-        return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint,
+        window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
+        return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device)})

@@ -8,6 +8,7 @@ non-empty pairs go to MONAI, always with the spacing in mm.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -30,9 +31,11 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing, nsd_tolerance_mm: floa
     yg = torch.from_numpy(gt)[None, None].float()
     sp = [float(s) for s in spacing]
     dice = float(compute_dice(yp, yg, include_background=True, ignore_empty=False)[0, 0])
-    hd95 = float(compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=sp)[0, 0])
-    nsd = float(compute_surface_dice(yp, yg, class_thresholds=[nsd_tolerance_mm], include_background=True,
-                                     spacing=sp)[0, 0])
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about its own internal use of a deprecated argument
+        warnings.simplefilter("ignore", FutureWarning)
+        hd95 = float(compute_hausdorff_distance(yp, yg, include_background=True, percentile=95, spacing=sp)[0, 0])
+        nsd = float(compute_surface_dice(yp, yg, class_thresholds=[nsd_tolerance_mm], include_background=True,
+                                         spacing=sp)[0, 0])
     return {"dice": dice, "nsd": nsd, "hd95": hd95, **out}
 
 

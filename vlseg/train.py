@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ def resolve_mixed_precision(setting: str) -> str:
 
 
 def make_accelerator(cfg: dict):
+    if not torch.cuda.is_available():
+        # accelerate's checkpointing imports DeepSpeed, which otherwise warns on every save that it fell back to CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
 
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg["train"]["mixed_precision"]),

@@ -1,0 +1,51 @@
+"""evaluate.py on a tiny checkpoint: per-case CSV, JSON summary, absent classes counted as false positives."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlseg import Segmenter
+from vlseg.data.manifest import read_manifest, write_manifest
+from vlseg.evaluate import evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_evaluate_cli_writes_csv_and_summary(tiny_run, phantom_corpus, tmp_path):
+    out = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tiny_run), "--manifest",
+                          str(phantom_corpus), "--split", "test", "--out", str(tmp_path / "ev"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "liver tumor" in out.stdout and "summary:" in out.stdout
+    rows = list(csv.DictReader(open(tmp_path / "ev" / "per_case.csv")))
+    cases = read_manifest(phantom_corpus, split="test")
+    assert len(rows) == sum(len(c.classes) for c in cases)
+    assert {r["class"] for r in rows} == {"liver", "liver tumor", "spleen", "right kidney", "left kidney"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["cases"] == len(cases) and summary["nsd_tolerance_mm"] == 2.0
+    assert {g["class"] for g in summary["by_class"]} == {r["class"] for r in rows}
+    assert summary["by_dataset_class"][0]["dataset"] == "PhantomTest" and summary["overall"][0]["n"] == len(rows)
+
+
+def test_absent_class_answered_with_a_mask_is_a_false_positive(tiny_run, phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="test")[0]
+    case.classes = {"liver": case.classes["liver"], "spleen": [99]}  # value 99 never occurs: spleen is absent
+    case.present = {"liver": True, "spleen": False}
+    manifest = write_manifest(tmp_path / "m.jsonl", [case])
+    seg = Segmenter.from_pretrained(tiny_run)
+    seg.config["inference"].update(threshold=0.0, presence_threshold=0.0)  # predict every voxel for every prompt
+    summary = evaluate(seg, manifest, "test", tmp_path / "ev", progress=False)
+    by_class = {g["class"]: g for g in summary["by_class"]}
+    assert by_class["spleen"]["false_positives"] == 1 and by_class["spleen"]["dice_mean"] == 0.0
+    assert by_class["liver"]["false_positives"] == 0 and 0.0 < by_class["liver"]["dice_mean"] < 1.0
+    seg.config["inference"].update(threshold=1.01)  # predict nothing: the absent class is now answered correctly
+    summary = evaluate(seg, manifest, "test", None, progress=False)
+    by_class = {g["class"]: g for g in summary["by_class"]}
+    assert by_class["spleen"]["dice_mean"] == 1.0 and by_class["liver"]["false_negatives"] == 1
+    assert by_class["spleen"]["hd95_mean"] != by_class["spleen"]["hd95_mean"]  # NaN: no distance for empty masks
+    assert pytest.approx(by_class["liver"]["dice_mean"]) == 0.0
