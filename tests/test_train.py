@@ -91,3 +91,16 @@ def test_train_cli_reports_bad_config_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 2
     assert out.stderr.strip() == f"error: {tmp_path / 'missing.yaml'}: config file not found"
+
+
+def test_mixed_precision_choice_and_bf16_step(tmp_path, phantom_corpus, tiny_bert_dir):
+    from vlseg.train import resolve_mixed_precision
+
+    assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("bf16") == "bf16"
+    if not torch.cuda.is_available():
+        assert resolve_mixed_precision("auto") == "no"
+    cfg = load_config(None, tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir, **{
+        "train.mixed_precision": "bf16", "train.steps": 2}))
+    run = train(cfg, progress=False)
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < v < 100 for v in losses)

@@ -50,7 +50,11 @@ def make_accelerator(cfg: dict):
         # accelerate's checkpointing imports DeepSpeed, which otherwise warns on every save that it fell back to CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # accelerate keeps one process-wide state and refuses a second Accelerator with other settings; a process that
+    # trains several runs (a notebook, an ablation loop, the tests) starts each run from a clean state.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=resolve_mixed_precision(cfg["train"]["mixed_precision"]),
                        cpu=not torch.cuda.is_available())
 
@@ -91,6 +95,9 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     net, text_encoder = build_network(cfg, vocabulary)
     if state is not None:
         load_network_state(net, state, ckpt_dir)
+    else:
+        with torch.no_grad():
+            net.calibrate_prompts(text_encoder.encode(vocabulary.all_texts()))
     loss_fn = LOSSES.build(cfg["loss"])
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))

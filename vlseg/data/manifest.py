@@ -1,22 +1,26 @@
-"""The corpus manifest: JSON Lines, one case per line, paths relative to the manifest's folder.
+"""The corpus manifest: JSON Lines, one case per line, written next to the data.
 
-Schema version 1 (issue #3 extends it)::
+Paths inside are relative to the manifest's folder.  Schema version 1::
 
     {"schema": 1, "case_id": "PhantomLiver_000", "dataset": "PhantomLiver", "modality": "CT",
      "image": "Dataset001_PhantomLiver/imagesTr/PhantomLiver_000_0000.nii.gz",
      "label": "Dataset001_PhantomLiver/labelsTr/PhantomLiver_000.nii.gz",
-     "classes": {"liver": [1, 2], "liver tumor": [2]},    # classes the dataset annotates → label values (union)
+     "classes": {"liver": [1, 2], "liver tumor": [2]},
      "present": {"liver": true, "liver tumor": false},
      "shape": [64, 64, 48], "spacing": [3.0, 3.0, 3.0], "split": "train"}
 
-``classes`` is what masked back-propagation runs on: a class listed there is supervised (present or not), a class not
-listed is never.
+``classes`` lists the canonical classes the case's dataset *annotates*, each mapped to the label values whose union is
+that class (the liver includes its tumours).  Masked back-propagation supervises exactly these classes, present or
+absent; a class not listed is unknown for the case, never background.  ``present`` says, per annotated class, whether
+the case's label map contains it.  Unknown extra fields are ignored, so later minor additions stay readable.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +29,9 @@ import numpy as np
 from vlseg.errors import VlsegError
 
 MANIFEST_SCHEMA = 1
-REQUIRED = ("case_id", "dataset", "modality", "image", "label", "classes", "split")
+SPLITS = ("train", "val", "test")
+FIELDS = ("schema", "case_id", "dataset", "modality", "image", "label", "classes", "present", "shape", "spacing",
+          "split")
 
 
 @dataclass
@@ -33,64 +39,148 @@ class Case:
     case_id: str
     dataset: str
     modality: str
-    image: Path
-    label: Path
-    classes: dict[str, list[int]]
-    present: dict[str, bool]
-    shape: tuple[int, ...]
-    spacing: tuple[float, ...]
+    image: Path  # absolute after reading
+    label: Path  # absolute after reading
+    classes: dict[str, list[int]]  # annotated canonical class -> label values whose union is the class
+    present: dict[str, bool]  # annotated class -> does this case contain it
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
     split: str
 
     def class_mask(self, label: np.ndarray, name: str) -> np.ndarray:
+        """Boolean mask of class ``name`` in a label map of this case's dataset."""
         if name not in self.classes:
-            raise VlsegError(f"{self.label}: dataset {self.dataset} does not annotate {name!r}")
+            raise VlsegError(f"{self.label}: dataset {self.dataset} does not annotate {name!r} "
+                             f"(annotated: {', '.join(self.classes) or 'nothing'})")
         return np.isin(label, self.classes[name])
 
     def to_json(self, root: Path) -> dict:
-        return {"schema": MANIFEST_SCHEMA, "case_id": self.case_id, "dataset": self.dataset,
-                "modality": self.modality, "image": os.path.relpath(self.image, root),
-                "label": os.path.relpath(self.label, root), "classes": self.classes, "present": self.present,
-                "shape": list(self.shape), "spacing": list(self.spacing), "split": self.split}
+        """The manifest row, with image/label paths relative to ``root`` (the manifest's folder)."""
+        root = os.path.abspath(root)
+
+        def rel(p) -> str:
+            return Path(os.path.relpath(os.path.abspath(p), root)).as_posix()
+
+        return {"schema": MANIFEST_SCHEMA, "case_id": self.case_id, "dataset": self.dataset, "modality": self.modality,
+                "image": rel(self.image), "label": rel(self.label),
+                "classes": {str(k): [int(v) for v in vals] for k, vals in self.classes.items()},
+                "present": {str(k): bool(v) for k, v in self.present.items()},
+                "shape": [int(n) for n in self.shape], "spacing": [float(s) for s in self.spacing],
+                "split": self.split}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _parse(line: str, where: str, root: Path) -> Case:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise VlsegError(f"{where}: not valid JSON ({exc.msg})") from None
+        raise VlsegError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(row, dict):
-        raise VlsegError(f"{where}: expected a JSON object")
-    missing = [k for k in REQUIRED if k not in row]
-    if missing:
-        raise VlsegError(f"{where}: missing field {missing[0]!r}")
-    if row.get("schema", MANIFEST_SCHEMA) > MANIFEST_SCHEMA:
-        raise VlsegError(f"{where}: manifest schema {row['schema']} is newer than this vlseg ({MANIFEST_SCHEMA})")
+        raise VlsegError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in FIELDS:
+        if key not in row:
+            raise VlsegError(f"{where}: missing field {key!r}")
+
+    schema = row["schema"]
+    if not _is_int(schema) or schema < 1:
+        raise VlsegError(f"{where}: 'schema' must be a positive integer, got {schema!r}")
+    if schema > MANIFEST_SCHEMA:
+        raise VlsegError(f"{where}: manifest schema {schema} is newer than this vlseg supports ({MANIFEST_SCHEMA})")
+
+    for key in ("case_id", "dataset", "modality", "image", "label", "split"):
+        if not isinstance(row[key], str) or not row[key].strip():
+            raise VlsegError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
+    if row["split"] not in SPLITS:
+        raise VlsegError(f"{where}: unknown split {row['split']!r} (expected one of {', '.join(SPLITS)})")
+
     classes = row["classes"]
-    if not isinstance(classes, dict) or not all(isinstance(v, list) and all(isinstance(i, int) for i in v)
-                                                for v in classes.values()):
-        raise VlsegError(f"{where}: 'classes' must map class names to lists of label values")
-    return Case(str(row["case_id"]), str(row["dataset"]), str(row["modality"]), root / row["image"],
-                root / row["label"], {str(k): list(v) for k, v in classes.items()},
-                {str(k): bool(v) for k, v in (row.get("present") or {}).items()},
-                tuple(row.get("shape") or ()), tuple(float(s) for s in row.get("spacing") or ()), str(row["split"]))
+    if not isinstance(classes, dict):
+        raise VlsegError(f"{where}: 'classes' must be an object mapping class names to label values")
+    for name, values in classes.items():
+        if not isinstance(values, list) or not values or not all(_is_int(v) and v > 0 for v in values):
+            raise VlsegError(f"{where}: class {name!r} must map to a non-empty list of positive integer label "
+                             f"values, got {values!r}")
+
+    present = row["present"]
+    if not isinstance(present, dict) or not all(isinstance(v, bool) for v in present.values()):
+        raise VlsegError(f"{where}: 'present' must be an object mapping class names to true/false")
+    if set(present) != set(classes):
+        missing = sorted(set(classes) - set(present))
+        extra = sorted(set(present) - set(classes))
+        problem = f"no entry for {missing[0]!r}" if missing else f"{extra[0]!r} is not an annotated class"
+        raise VlsegError(f"{where}: 'present' must cover exactly the annotated classes: {problem}")
+
+    shape, spacing = row["shape"], row["spacing"]
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
+        raise VlsegError(f"{where}: 'shape' must be three positive integers, got {shape!r}")
+    if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(s) and s > 0 for s in spacing):
+        raise VlsegError(f"{where}: 'spacing' must be three positive numbers, got {spacing!r}")
+
+    return Case(case_id=row["case_id"], dataset=row["dataset"], modality=row["modality"],
+                image=Path(os.path.normpath(root / row["image"])), label=Path(os.path.normpath(root / row["label"])),
+                classes={str(k): list(v) for k, v in classes.items()},
+                present={str(k): bool(v) for k, v in present.items()},
+                shape=tuple(shape), spacing=tuple(float(s) for s in spacing), split=row["split"])
 
 
 def read_manifest(path, split: str | None = None, datasets: list[str] | None = None) -> list[Case]:
+    """Read and validate every line of a manifest; keep the cases of ``split`` and ``datasets`` when given.
+
+    Any problem raises ``VlsegError`` naming ``path:line`` and what is wrong.
+    """
     path = Path(path)
-    if not path.is_file():
+    if split is not None and split not in SPLITS:
+        raise VlsegError(f"{path}: unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if not path.exists():
         raise VlsegError(f"{path}: manifest not found")
+    if not path.is_file():
+        raise VlsegError(f"{path}: manifest is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise VlsegError(f"{path}: manifest is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise VlsegError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+
     root = path.resolve().parent
-    cases = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            cases.append(_parse(line, f"{path}:{lineno}", root))
+    cases, seen = [], {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        case = _parse(line, where, root)
+        if case.case_id in seen:
+            raise VlsegError(f"{where}: duplicate case_id {case.case_id!r} (first on line {seen[case.case_id]})")
+        seen[case.case_id] = lineno
+        cases.append(case)
     return [c for c in cases if (split is None or c.split == split) and (datasets is None or c.dataset in datasets)]
 
 
 def write_manifest(path, cases: list[Case]) -> Path:
+    """Write ``cases`` as a manifest at ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(c.to_json(root)) + "\n" for c in cases))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(c.to_json(root)) + "\n" for c in cases)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return path

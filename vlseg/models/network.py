@@ -20,22 +20,37 @@ class VLSegNet(nn.Module):
     identity instead) and, later, of ZeRO partitioning.
     """
 
-    def __init__(self, image_encoder: nn.Module, fusion: nn.Module, text_encoder: TextEncoder | None = None):
+    def __init__(self, image_encoder: nn.Module, fusion: nn.Module, text_dim: int,
+                 text_encoder: TextEncoder | None = None):
         super().__init__()
         self.image_encoder = image_encoder
         self.fusion = fusion
         self.text_encoder = text_encoder
+        # Sentence embeddings of anatomical terms share a large common component (MiniLM: cos(liver, liver tumor)
+        # = .64, cos(liver, left kidney) = .43), so the differences that matter are small.  A fixed standardisation,
+        # fitted once on the training vocabulary and saved with the weights, puts those differences at unit scale.
+        self.register_buffer("prompt_center", torch.zeros(text_dim))
+        self.register_buffer("prompt_scale", torch.ones(()))
+
+    @torch.no_grad()
+    def calibrate_prompts(self, embeddings: torch.Tensor) -> None:
+        """Fit the prompt standardisation on ``[N, D]`` embeddings of the vocabulary's wordings."""
+        emb = embeddings.float().to(self.prompt_center.device)
+        self.prompt_center.copy_(emb.mean(0))
+        self.prompt_scale.fill_(1.0 / max(float((emb - emb.mean(0)).std()), 1e-6))
 
     def encode_image(self, image: torch.Tensor):
         return self.image_encoder(image)
 
     def embed_prompts(self, prompts) -> torch.Tensor:
         if isinstance(prompts, torch.Tensor):
-            return prompts
-        texts, index = prompts
-        if self.text_encoder is None:
-            raise ValueError("text strings given but this network has no trainable text encoder")
-        return self.text_encoder(list(texts))[index]
+            emb = prompts
+        else:
+            texts, index = prompts
+            if self.text_encoder is None:
+                raise ValueError("text strings given but this network has no trainable text encoder")
+            emb = self.text_encoder(list(texts))[index]
+        return (emb - self.prompt_center.to(emb.dtype)) * self.prompt_scale.to(emb.dtype)
 
     def decode(self, features, prompts, query_mask=None) -> dict:
         return self.fusion(features, self.embed_prompts(prompts), query_mask)
@@ -50,7 +65,7 @@ def build_network(cfg: dict, vocabulary) -> tuple[VLSegNet, TextEncoder]:
     image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
     fusion = FUSIONS.build(cfg["fusion"], text_dim=text_encoder.dim,
                            feature_channels=image_encoder.feature_channels, embed_dim=image_encoder.embed_dim)
-    net = VLSegNet(image_encoder, fusion, None if text_encoder.frozen else text_encoder)
+    net = VLSegNet(image_encoder, fusion, text_encoder.dim, None if text_encoder.frozen else text_encoder)
     return net, text_encoder
 
 
