@@ -134,16 +134,20 @@ def test_superior_is_at_the_top_of_coronal_and_sagittal(tmp_path):
         assert where(panel, COLOURS[0])[0].min() > PANEL_MIN * 0.7
 
 
-def test_slices_pass_through_the_centroid_of_all_masks(tmp_path):
-    # Two masks on opposite sides: the axial slice through their joint centroid (z = 10) cuts both.
+def test_slices_pass_through_the_smallest_mask(tmp_path):
+    # Two masks side by side: the axial slice through the smaller one (z 6-14) also cuts the larger (z 6-14).
     a, b = box((2, 5, 6), (10, 12, 15)), box((30, 18, 6), (38, 25, 15))
     axial = panels(render(tmp_path, {"a": a, "b": b}), panel_widths())[0]
     assert len(where(axial, COLOURS[0])[0]) > 50 and len(where(axial, COLOURS[1])[0]) > 50
-    # A mask that does not reach the chosen slice is not drawn there.
+    # A small target far from a large one: the slices follow the small one, the large one is not cut there.
     c = box((18, 12, 0), (22, 16, 2))
-    d = box((2, 5, 10), (10, 12, 20))  # centroid z ~ 10 with c is away from c's slices 0-1
+    d = box((2, 5, 10), (10, 12, 20))
     axial = panels(render(tmp_path, {"c": c, "d": d}, name="cd.png"), panel_widths())[0]
-    assert len(where(axial, COLOURS[0])[0]) == 0 and len(where(axial, COLOURS[1])[0]) > 50
+    assert len(where(axial, COLOURS[0])[0]) > 0 and len(where(axial, COLOURS[1])[0]) == 0
+    # A tumour-like mask inside an organ: both are drawn in every panel.
+    organ, lesion = box((5, 5, 2), (35, 25, 18)), box((8, 8, 14), (11, 11, 17))
+    for panel in panels(render(tmp_path, {"organ": organ, "lesion": lesion}, name="ol.png"), panel_widths()):
+        assert len(where(panel, COLOURS[1])[0]) > 0
 
 
 # --- colours and windowing ------------------------------------------------------------------------------------------

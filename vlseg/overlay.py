@@ -115,14 +115,15 @@ def _to_grey(slice2d: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def _centre(masks: list[np.ndarray], shape) -> tuple[int, int, int]:
-    union = None
-    for m in masks:
-        if m.any():
-            union = m.copy() if union is None else (union | m)
-    if union is None:
+    """Slice through the smallest non-empty mask, so a small target (a tumour inside its organ) is always shown;
+    the voxel of that mask nearest its centroid, so the slices hit it even when it is not convex."""
+    filled = [m for m in masks if m.any()]
+    if not filled:
         return tuple(n // 2 for n in shape)
-    com = ndimage.center_of_mass(union)
-    return tuple(int(min(max(round(c), 0), n - 1)) for c, n in zip(com, shape))
+    smallest = min(filled, key=lambda m: int(m.sum()))
+    voxels = np.argwhere(smallest)
+    com = voxels.mean(axis=0)
+    return tuple(int(v) for v in voxels[np.argmin(((voxels - com) ** 2).sum(axis=1))])
 
 
 def _views(centre, spacing):
@@ -231,7 +232,7 @@ def save_overlay(image: np.ndarray, masks: dict[str, np.ndarray], path, spacing=
     """Write a PNG of three orthogonal slices of ``image`` with ``masks`` overlaid; returns the path written.
 
     ``image`` is 3D in RAS-canonical orientation and each mask (prompt name → bool array) lies on the same grid.
-    Slices pass through the centroid of the union of the non-empty masks (the volume centre if all are empty).
+    Slices pass through the smallest non-empty mask (the volume centre if all are empty).
     Intensities are windowed to ``window`` (low, high) if given, else to the 1st–99th percentiles.  The file is
     written to a temporary name in the same folder and moved into place, so readers never see a partial PNG.
     Raises ``VlsegError`` for bad input (non-3D image, mask of another shape, bad spacing or window).
