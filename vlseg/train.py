@@ -94,10 +94,15 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     cases = load_training_cases(cfg, dcfg["train_split"], progress and main)
     net, text_encoder = build_network(cfg, vocabulary)
     if state is not None:
+        trained_with = meta["text_encoder"].get("fingerprint")
+        if trained_with != text_encoder.identity().get("fingerprint"):
+            raise VlsegError(f"{ckpt_dir}: the configured text encoder is not the one this run was trained with "
+                             f"(fingerprint {text_encoder.identity().get('fingerprint')} vs {trained_with})")
         load_network_state(net, state, ckpt_dir)
-    else:
-        with torch.no_grad():
-            net.calibrate_prompts(text_encoder.encode(vocabulary.all_texts()))
+    with torch.no_grad():  # a frozen encoder's cache is filled here; steps then only look embeddings up
+        vocab_embeddings = text_encoder.encode(vocabulary.all_texts())
+    if state is None:
+        net.calibrate_prompts(vocab_embeddings)
     loss_fn = LOSSES.build(cfg["loss"])
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
@@ -109,9 +114,6 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     if ckpt_dir is not None:
         accelerator.load_state(str(ckpt_dir / "training_state"))
         start = int(meta["step"])
-    if text_encoder.frozen:
-        text_encoder.to(accelerator.device)
-        text_encoder.encode(vocabulary.all_texts())  # fill the cache once; steps then only look embeddings up
 
     batch = int(tcfg["batch_size"])
     dataset = CropDataset(cases, vocabulary, dcfg["crop_size"], seed=int(cfg["seed"]),
