@@ -104,3 +104,21 @@ def test_mixed_precision_choice_and_bf16_step(tmp_path, phantom_corpus, tiny_ber
     run = train(cfg, progress=False)
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < v < 100 for v in losses)
+
+
+def test_a_different_text_encoder_is_refused(tmp_path, tiny_run, phantom_corpus, tiny_bert_dir):
+    import shutil
+
+    from vlseg import Segmenter
+
+    run = tmp_path / "copied"
+    shutil.copytree(tiny_run, run)
+    ckpt = resolve_checkpoint(run)
+    meta = json.loads((ckpt / "vlseg.json").read_text())
+    meta["text_encoder"]["fingerprint"] = "0" * 16  # as if other weights now sat behind the same path
+    (ckpt / "vlseg.json").write_text(json.dumps(meta))
+    with pytest.raises(VlsegError, match="fingerprint"):
+        Segmenter.from_pretrained(run)
+    cfg = load_config(None, tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir, run_name="again"))
+    with pytest.raises(VlsegError, match="not the one this run was trained with"):
+        train(cfg, resume=run, progress=False)
