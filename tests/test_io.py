@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlseg.errors import VlsegError
-from vlseg.io import (Scan, load_label, load_scan, normalize_intensity, resample_to_shape, resample_to_spacing,
+from vlseg.io import (load_label, load_scan, normalize_intensity, resample_to_shape, resample_to_spacing,
                       save_like)
 
 SHAPE = (6, 7, 8)

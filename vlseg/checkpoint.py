@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 
 FORMAT = 1
@@ -50,9 +51,8 @@ def save_checkpoint(run_dir: Path, step: int, state_dict: dict, meta: dict, save
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = run_dir / ".latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, run_dir / "latest")
+    with atomic_path(run_dir / "latest") as tmp:
+        tmp.write_text(final.name + "\n")
     if keep:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
         print(f"[2/4] training {cfg['run_name']} for {cfg['train']['steps']} steps")
         run_dir = train(cfg, overwrite=True)
         t_train = time.perf_counter()
-        print(f"[3/4] evaluating on the held-out test phantoms")
+        print("[3/4] evaluating on the held-out test phantoms")
         segmenter = Segmenter.from_pretrained(run_dir)
         summary = evaluate(segmenter, manifest, "test", run_dir / "eval-test")
         print(format_table(summary))

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlseg.errors import VlsegError
 from vlseg.io import Scan, load_scan, normalize_intensity, resample_to_shape, resample_to_spacing, save_like
 from vlseg.models.network import network_from_checkpoint
 from vlseg.prompts import slug, validate_prompts

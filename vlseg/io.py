@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
+from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 
 __all__ = ["Scan", "load_scan", "load_label", "save_like", "resample_to_spacing", "resample_to_shape",
@@ -323,22 +323,11 @@ def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
     except Exception as exc:
         raise VlsegError(f"{path}: cannot write as NIfTI ({_first_line(exc)})") from None
 
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-        os.close(fd)
-        nib.save(img, tmp)
-        umask = os.umask(0)  # mkstemp makes the file private (0600); give it the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
+            nib.save(img, tmp)
     except OSError as exc:
         raise VlsegError(f"{path}: cannot write ({exc.strerror or _first_line(exc)})") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

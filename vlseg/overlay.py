@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import colorsys
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 
 # Distinct, saturated, never grey (so a mask colour cannot be mistaken for the scan).  More masks than colours get
@@ -288,15 +287,6 @@ def save_overlay(image: np.ndarray, masks: dict[str, np.ndarray], path, spacing=
         else:
             draw.text((ix, y), text, fill=_TITLE, font=font)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.save(fh, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; the overlay is an ordinary output
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
     return path

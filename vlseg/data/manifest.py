@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 
 MANIFEST_SCHEMA = 1
@@ -171,16 +171,6 @@ def write_manifest(path, cases: list[Case]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     root = path.resolve().parent
     text = "".join(json.dumps(c.to_json(root)) + "\n" for c in cases)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
