@@ -98,4 +98,4 @@ def test_onehot_maps_synonyms_to_their_class_and_rejects_free_text():
     assert torch.equal(out[0], out[1]) and not torch.equal(out[0], out[2])
     assert not enc.frozen and enc.table.weight.requires_grad
     with pytest.raises(VlsegError, match="only knows the vocabulary"):
-        enc.encode(["pancreas"])
+        enc.encode(["pancreatic cyst"])

@@ -1,4 +1,4 @@
-"""The ``vlseg`` command: ``predict``, ``train``, ``evaluate``, ``demo``.
+"""The ``vlseg`` command: ``predict``, ``classes``, ``train``, ``evaluate``, ``demo``.
 
 Bad input ends in one line on stderr, ``error: <file>: <problem>``, and exit status 2 — never a traceback.
 """
@@ -62,12 +62,47 @@ def predict(argv=None) -> int:
     return run_guarded(go)
 
 
+def classes(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlseg classes", description="List the canonical vocabulary.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--modality", help="only classes expected in this modality (CT, MR)")
+    parser.add_argument("--vocabulary", default="default", help="a vocabulary YAML (default: the bundled one)")
+    args = parser.parse_args(argv)
+
+    def go():
+        import json
+
+        from vlseg.io import MODALITIES
+        from vlseg.vocab import Vocabulary
+
+        vocab = Vocabulary.load(args.vocabulary)
+        names = vocab.names
+        if args.modality:
+            kind = MODALITIES.get(args.modality.upper())
+            if kind is None:
+                raise VlsegError(f"modality {args.modality!r}: unknown; use one of CT, MR")
+            names = [n for n in names if kind in vocab.modalities[n]]
+        vocab = vocab.subset(names)
+        if args.json:
+            print(json.dumps(vocab.to_dict(), indent=2))
+            return
+        for n in vocab.names:
+            extra = "".join(f"; {label} {', '.join(vocab_list)}" for label, vocab_list in
+                            (("includes", vocab.includes[n]), ("= union of", vocab.union_of[n])) if vocab_list)
+            print(f"{n:<24} {'/'.join(vocab.modalities[n]) or '-':<6} {', '.join(vocab.synonyms[n][1:])}{extra}")
+        print(f"{len(vocab)} classes")
+
+    return run_guarded(go)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"predict": "vlseg.cli", "train": "vlseg.train", "evaluate": "vlseg.evaluate", "demo": "vlseg.demo"}
+    commands = {"predict": "vlseg.cli", "classes": "vlseg.cli", "train": "vlseg.train", "evaluate": "vlseg.evaluate",
+                "demo": "vlseg.demo"}
     if not argv or argv[0] not in commands:
-        print("usage: vlseg {predict,train,evaluate,demo} ...\n"
+        print("usage: vlseg {predict,classes,train,evaluate,demo} ...\n"
               "  predict   segment a scan: vlseg predict -i scan.nii.gz -p 'liver tumor' -p liver -o out/\n"
+              "  classes   list the canonical vocabulary (--json, --modality CT)\n"
               "  train     train a model: vlseg train --config configs/phantom.yaml [key=value ...]\n"
               "  evaluate  score a checkpoint on a manifest split (Dice, NSD, HD95)\n"
               "  demo      the main job: phantoms -> train -> evaluate -> predict 'liver tumor'",
@@ -76,7 +111,7 @@ def main(argv=None) -> int:
     import importlib
 
     module = importlib.import_module(commands[argv[0]])  # import only what the chosen command needs
-    return getattr(module, "predict" if argv[0] == "predict" else "main")(argv[1:])
+    return getattr(module, argv[0] if argv[0] in ("predict", "classes") else "main")(argv[1:])
 
 
 if __name__ == "__main__":

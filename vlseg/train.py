@@ -90,8 +90,12 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     set_seed(int(cfg["seed"]))
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    vocabulary = Vocabulary.load(cfg["vocabulary"]) if meta is None else Vocabulary.from_dict(meta["vocabulary"])
     cases = load_training_cases(cfg, dcfg["train_split"], progress and main)
+    if meta is None:  # the model knows the canonical classes its training corpus annotates
+        annotated = {name for lc in cases for name in lc.case.classes}
+        vocabulary = Vocabulary.load(cfg["vocabulary"]).subset(annotated, source=str(dcfg["manifest"]))
+    else:
+        vocabulary = Vocabulary.from_dict(meta["vocabulary"])
     net, text_encoder = build_network(cfg, vocabulary)
     if state is not None:
         trained_with = meta["text_encoder"].get("fingerprint")
