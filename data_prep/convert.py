@@ -1,0 +1,153 @@
+"""Convert a dataset in the layout users already have into manifest lines (raw files stay where they are).
+
+    python -m data_prep.convert --source nnUNet_raw/Dataset003_Liver --map data_prep/maps/msd_liver.yaml \\
+        --manifest corpus/manifest.jsonl [--val-fraction 0.1]
+
+Layouts: nnU-Net v2 raw (``dataset.json`` with ``channel_names``/``labels`` name→value, ``imagesTr``/``labelsTr``) and
+Medical Segmentation Decathlon task folders (``dataset.json`` with ``labels`` value→name and a ``training`` list).
+The map YAML names the dataset and modality and sends local label names (or values) to canonical classes::
+
+    dataset: MSDLiver
+    modality: CT
+    labels: {liver: liver, cancer: liver tumor}
+
+Each case is checked (readable image, label on the image grid, only declared label values, finite voxels); a bad case
+is reported with its file and problem and skipped, the others are written, and the command exits non-zero at the end.
+Cases of the same dataset already in the manifest are replaced; other datasets' lines are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
+from vlseg.data.manifest import Case, read_manifest, write_manifest
+from vlseg.errors import VlsegError
+from vlseg.io import MODALITIES, load_label, load_scan
+from vlseg.vocab import Vocabulary
+
+
+def read_layout(source: Path) -> tuple[dict[str, list[int]], list[tuple[str, Path, Path]]]:
+    """→ (local label name → values, [(case id, image, label)]) for an nnU-Net v2 or MSD folder."""
+    meta_path = source / "dataset.json"
+    if not meta_path.is_file():
+        raise VlsegError(f"{meta_path}: not found (expected an nnU-Net v2 or MSD dataset folder)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        raw_labels = meta["labels"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise VlsegError(f"{meta_path}: unreadable dataset description ({exc})") from None
+    if "training" in meta:  # MSD: labels value → name, explicit file list
+        labels = {str(name): [int(value)] for value, name in raw_labels.items()}
+        cases = []
+        for item in meta["training"]:
+            image, label = source / item["image"], source / item["label"]
+            cases.append((Path(item["label"]).name.split(".")[0], image, label))
+        return labels, cases
+    ending = meta.get("file_ending", ".nii.gz")  # nnU-Net v2: name → value or region (list of values)
+    labels = {str(n): [int(v)] if isinstance(v, int) else [int(x) for x in v] for n, v in raw_labels.items()}
+    cases = []
+    for label in sorted((source / "labelsTr").glob(f"*{ending}")):
+        case_id = label.name[: -len(ending)]
+        cases.append((case_id, source / "imagesTr" / f"{case_id}_0000{ending}", label))
+    return labels, cases
+
+
+def class_values(local: dict[str, list[int]], mapping: dict, vocabulary: Vocabulary, source: str) -> dict:
+    """Canonical class → label values, closing over the hierarchy: a parent also covers the values of the annotated
+    classes it includes, and a union class those of its parts."""
+    direct: dict[str, set[int]] = {}
+    for key, canonical in mapping.items():
+        key = str(key)
+        values = local.get(key) or ([int(key)] if key.isdigit() else None)
+        if values is None:
+            raise VlsegError(f"{source}: label {key!r} is not declared by the dataset ({', '.join(local)})")
+        if vocabulary.resolve(str(canonical)) != canonical:
+            raise VlsegError(f"{source}: {canonical!r} is not a canonical class (see `vlseg classes`)")
+        direct.setdefault(canonical, set()).update(values)
+    out = {name: set(v) for name, v in direct.items()}
+    changed = True
+    while changed:  # parents may themselves be parts of larger classes
+        changed = False
+        for name in vocabulary.names:
+            parts = [c for c in vocabulary.includes[name] + vocabulary.union_of[name] if c in out]
+            if name in out or (vocabulary.union_of[name] and len(parts) == len(vocabulary.union_of[name])):
+                extra = set().union(*(out[c] for c in parts)) if parts else set()
+                if name not in out or not extra <= out[name]:
+                    out[name] = out.get(name, set()) | extra
+                    changed = True
+    return {name: sorted(values) for name, values in out.items() if name in vocabulary.names}
+
+
+def check_case(case_id, image, label, classes, declared: set[int], dataset, modality) -> Case:
+    scan = load_scan(image)
+    lab = load_label(label, like=scan)
+    found = set(np.unique(lab).tolist())
+    undeclared = sorted(found - declared - {0})
+    if undeclared:
+        raise VlsegError(f"{label}: label values {undeclared} are not declared in the dataset description")
+    present = {name: bool(np.isin(lab, values).any()) for name, values in classes.items()}
+    return Case(case_id, dataset, modality, Path(image).resolve(), Path(label).resolve(), classes, present,
+                tuple(scan.original_shape), tuple(scan.spacing), "train")
+
+
+def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True):
+    """Returns (cases written, [per-case error lines])."""
+    source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
+    if not mapping_path.is_file():
+        raise VlsegError(f"{mapping_path}: map file not found")
+    spec = yaml.safe_load(mapping_path.read_text()) or {}
+    for key in ("dataset", "modality", "labels"):
+        if key not in spec:
+            raise VlsegError(f"{mapping_path}: missing {key!r}")
+    modality = MODALITIES.get(str(spec["modality"]).upper())
+    if modality is None:
+        raise VlsegError(f"{mapping_path}: modality {spec['modality']!r} unknown; use one of CT, MR")
+    local, items = read_layout(source)
+    classes = class_values(local, spec["labels"], Vocabulary.load(spec.get("vocabulary", "default")),
+                           str(mapping_path))
+    declared = {v for values in local.values() for v in values}
+    cases, errors = [], []
+    for case_id, image, label in tqdm(items, desc=f"converting {spec['dataset']}", disable=not progress):
+        try:
+            cases.append(check_case(f"{spec['dataset']}_{case_id}", image, label, classes, declared,
+                                    str(spec["dataset"]), modality))
+        except VlsegError as exc:
+            errors.append(str(exc))
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(cases))) if len(cases) > 1 else 0
+    for i in rng.permutation(len(cases))[:n_val]:
+        cases[i].split = "val"
+    kept = [c for c in read_manifest(manifest) if c.dataset != spec["dataset"]] if manifest.is_file() else []
+    if cases:
+        write_manifest(manifest, kept + cases)
+    return cases, errors
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", required=True, help="nnU-Net v2 dataset or MSD task folder")
+    parser.add_argument("--map", required=True, help="YAML: dataset, modality, labels local → canonical")
+    parser.add_argument("--manifest", required=True, help="manifest to create or update")
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        cases, errors = convert(args.source, args.map, args.manifest, args.val_fraction, args.seed)
+    except VlsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"{len(cases)} cases written to {args.manifest}, {len(errors)} failed")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
