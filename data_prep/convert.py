@@ -3,8 +3,11 @@
     python -m data_prep.convert --source nnUNet_raw/Dataset003_Liver --map data_prep/maps/msd_liver.yaml \\
         --manifest corpus/manifest.jsonl [--val-fraction 0.1]
 
-Layouts: nnU-Net v2 raw (``dataset.json`` with ``channel_names``/``labels`` name→value, ``imagesTr``/``labelsTr``) and
-Medical Segmentation Decathlon task folders (``dataset.json`` with ``labels`` value→name and a ``training`` list).
+Layouts: nnU-Net v2 raw (``dataset.json`` with ``channel_names``/``labels`` name→value, ``imagesTr``/``labelsTr``),
+Medical Segmentation Decathlon task folders (``dataset.json`` with ``labels`` value→name and a ``training`` list), and
+TotalSegmentator-style folders of per-class masks (``<case>/<image>`` + ``<case>/segmentations/<name>.nii.gz``; the
+map's ``image`` key names the image file, default ``ct.nii.gz``), whose masks are merged into one label map per case
+written beside the manifest (``labels/<dataset>/<case>.nii.gz``, in the image's geometry).
 The map YAML names the dataset and modality and sends local label names (or values) to canonical classes::
 
     dataset: MSDLiver
@@ -97,6 +100,45 @@ def check_case(case_id, image, label, classes, declared: set[int], dataset, moda
                 tuple(scan.original_shape), tuple(scan.spacing), "train")
 
 
+def merge_masks(case_dir: Path, image_name: str, mask_classes: dict[str, str], vocabulary: Vocabulary,
+                out_path: Path) -> None:
+    """Per-class binary masks → one label map (value i+1 for the i-th mapped mask), written like the image.
+
+    A mask included in another (a tumour in its organ) is painted after it and wins; any other overlap is an error,
+    since one label map cannot hold it."""
+    from vlseg.io import save_like
+
+    scan = load_scan(case_dir / image_name)
+    label = np.zeros(scan.data.shape, np.uint8)
+    owner = np.full(scan.data.shape, -1, np.int16)
+    stems = list(mask_classes)
+    depth = {s: len(vocabulary.parents(mask_classes[s])) for s in stems}  # parents first, then what they include
+    for i in sorted(range(len(stems)), key=lambda k: depth[stems[k]]):
+        path = case_dir / "segmentations" / f"{stems[i]}.nii.gz"
+        mask = load_label(path, like=scan)
+        if not set(np.unique(mask).tolist()) <= {0, 1}:
+            raise VlsegError(f"{path}: not a binary mask (values {sorted(set(np.unique(mask).tolist()))[:5]})")
+        mask = mask.astype(bool)
+        for j in set(np.unique(owner[mask]).tolist()) - {-1}:
+            if mask_classes[stems[i]] not in vocabulary.includes[mask_classes[stems[j]]]:
+                raise VlsegError(f"{path}: overlaps {stems[j]}.nii.gz, which does not contain it")
+        label[mask] = i + 1
+        owner[mask] = i
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_like(label, scan, out_path)
+
+
+def read_mask_folders(source: Path, spec: dict, manifest: Path):
+    image_name = str(spec.get("image", "ct.nii.gz"))
+    stems = [str(k) for k in spec["labels"]]
+    local = {stem: [i + 1] for i, stem in enumerate(stems)}
+    items = [(d.name, d / image_name, manifest.parent / "labels" / str(spec["dataset"]) / f"{d.name}.nii.gz")
+             for d in sorted(source.iterdir()) if (d / "segmentations").is_dir()]
+    if not items:
+        raise VlsegError(f"{source}: no case folders with a segmentations/ folder inside")
+    return local, items, image_name
+
+
 def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True):
     """Returns (cases written, [per-case error lines])."""
     source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
@@ -109,13 +151,20 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     modality = MODALITIES.get(str(spec["modality"]).upper())
     if modality is None:
         raise VlsegError(f"{mapping_path}: modality {spec['modality']!r} unknown; use one of CT, MR")
-    local, items = read_layout(source)
-    classes = class_values(local, spec["labels"], Vocabulary.load(spec.get("vocabulary", "default")),
-                           str(mapping_path))
+    vocabulary = Vocabulary.load(spec.get("vocabulary", "default"))
+    mask_folders = not (source / "dataset.json").is_file() and source.is_dir()
+    if mask_folders:
+        local, items, image_name = read_mask_folders(source, spec, manifest)
+    else:
+        local, items = read_layout(source)
+    classes = class_values(local, spec["labels"], vocabulary, str(mapping_path))
     declared = {v for values in local.values() for v in values}
     cases, errors = [], []
     for case_id, image, label in tqdm(items, desc=f"converting {spec['dataset']}", disable=not progress):
         try:
+            if mask_folders:
+                merge_masks(Path(image).parent, image_name, {str(k): v for k, v in spec["labels"].items()},
+                            vocabulary, Path(label))
             cases.append(check_case(f"{spec['dataset']}_{case_id}", image, label, classes, declared,
                                     str(spec["dataset"]), modality))
         except VlsegError as exc:
@@ -132,7 +181,7 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("--source", required=True, help="nnU-Net v2 dataset or MSD task folder")
+    parser.add_argument("--source", required=True, help="nnU-Net v2 dataset, MSD task, or folder of mask folders")
     parser.add_argument("--map", required=True, help="YAML: dataset, modality, labels local → canonical")
     parser.add_argument("--manifest", required=True, help="manifest to create or update")
     parser.add_argument("--val-fraction", type=float, default=0.1)

@@ -110,7 +110,47 @@ def test_reconverting_replaces_only_that_dataset(phantom_corpus, tmp_path):
 
 
 def test_bad_map_or_folder(tmp_path):
-    with pytest.raises(VlsegError, match="dataset.json: not found"):
-        convert(tmp_path, _map(tmp_path, {"a": "liver"}), tmp_path / "m.jsonl")
+    with pytest.raises(VlsegError, match="nope/dataset.json: not found"):
+        convert(tmp_path / "nope", _map(tmp_path, {"a": "liver"}), tmp_path / "m.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VlsegError, match="empty: no case folders with a segmentations/ folder inside"):
+        convert(tmp_path / "empty", _map(tmp_path, {"a": "liver"}), tmp_path / "m.jsonl")
     with pytest.raises(VlsegError, match="modality 'PET' unknown"):
         convert(tmp_path, _map(tmp_path, {"a": "liver"}, modality="PET"), tmp_path / "m.jsonl")
+
+
+def test_per_class_mask_folders(phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="test")[0]
+    img = nib.load(case.image)
+    full = np.asarray(nib.load(case.label).dataobj)
+    masks = {"liver": np.isin(full, [1, 2]), "liver_tumor": full == 2, "spleen": full == 3}
+    src = tmp_path / "totalseg"
+    for name, edit in [("good", None), ("overlap", "spleen"), ("nonbinary", "liver"), ("missing", "liver_tumor")]:
+        seg = src / name / "segmentations"
+        seg.mkdir(parents=True)
+        shutil.copy(case.image, src / name / "ct.nii.gz")
+        for stem, mask in masks.items():
+            data = mask.astype(np.uint8)
+            if stem == edit == "spleen":
+                data = (masks["spleen"] | masks["liver"]).astype(np.uint8)
+            if stem == edit == "liver":
+                data = data * 2
+            if stem == edit == "liver_tumor":
+                continue
+            nib.save(nib.Nifti1Image(data, img.affine), seg / f"{stem}.nii.gz")
+    mapping = _map(tmp_path, {"liver": "liver", "liver_tumor": "liver tumor", "spleen": "spleen"}, "TS")
+    cases, errors = convert(src, mapping, tmp_path / "corpus" / "m.jsonl", val_fraction=0, progress=False)
+    assert [c.case_id for c in cases] == ["TS_good"]
+    assert len(errors) == 3
+    assert any("overlap/segmentations/spleen.nii.gz: overlaps liver.nii.gz" in e for e in errors), errors
+    assert any("nonbinary/segmentations/liver.nii.gz: not a binary mask" in e for e in errors), errors
+    assert any("liver_tumor.nii.gz: file not found" in e for e in errors), errors
+    good = read_manifest(tmp_path / "corpus" / "m.jsonl")[0]
+    assert good.classes == {"liver": [1, 2], "liver tumor": [2], "spleen": [3]}
+    assert good.label == (tmp_path / "corpus" / "labels" / "TS" / "good.nii.gz").resolve()
+    merged = nib.load(good.label)
+    assert np.allclose(merged.affine, img.affine) and merged.shape == img.shape
+    label = np.asarray(merged.dataobj)
+    for name, mask in [("liver", masks["liver"]), ("liver tumor", masks["liver_tumor"]), ("spleen", masks["spleen"])]:
+        assert np.array_equal(good.class_mask(label, name), mask), name  # the tumour survives inside the liver
+    assert not (tmp_path / "corpus" / "labels" / "TS" / "overlap.nii.gz").exists()
