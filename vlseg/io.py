@@ -334,13 +334,14 @@ def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
 # ------------------------------------------------------------------------------------------------------- resampling
 
 
-def _three(values, what: str) -> tuple[float, float, float]:
+def positive_triple(values, what: str, where: str = "resample") -> tuple[float, float, float]:
+    """Three finite positive numbers (a spacing, a shape), or a VlsegError saying ``where: what must be ...``."""
     try:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
-        raise VlsegError(f"resample: {what} must be 3 numbers, got {values!r}") from None
+        out = ()
     if len(out) != 3 or not all(math.isfinite(v) and v > 0 for v in out):
-        raise VlsegError(f"resample: {what} must be 3 positive numbers, got {values!r}")
+        raise VlsegError(f"{where}: {what} must be 3 positive numbers, got {values!r}")
     return out
 
 
@@ -354,7 +355,7 @@ def _interpolate(data, shape, order: int) -> np.ndarray:
                          f"got shape {_shape_str(data.shape)}")
     if order not in (0, 1):
         raise VlsegError(f"resample: order must be 0 (nearest) or 1 (linear), got {order!r}")
-    shape = tuple(int(round(s)) for s in _three(shape, "shape"))
+    shape = tuple(int(round(s)) for s in positive_triple(shape, "shape"))
     if shape == tuple(data.shape[-3:]):
         return data.copy() if order == 0 else data.astype(np.float32)
     # torch's interpolate resamples all channels in one vectorised, multi-threaded call and is several times faster
@@ -387,8 +388,8 @@ def resample_to_spacing(data, spacing, target_spacing, order: int = 1) -> np.nda
     ``resample_to_shape(result, original_shape)``.
     """
     data = np.asarray(data)
-    spacing = _three(spacing, "spacing")
-    target = _three(target_spacing, "target_spacing")
+    spacing = positive_triple(spacing, "spacing")
+    target = positive_triple(target_spacing, "target_spacing")
     if data.ndim not in (3, 4):
         raise VlsegError(f"resample: expected a 3D [X, Y, Z] or channels-first 4D [C, X, Y, Z] array, "
                          f"got shape {_shape_str(data.shape)}")

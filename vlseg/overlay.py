@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
+from vlseg.io import positive_triple
 
 # Distinct, saturated, never grey (so a mask colour cannot be mistaken for the scan).  More masks than colours get
 # extra hues from the golden-ratio sequence (see ``mask_colour``).
@@ -62,12 +63,7 @@ def _check_inputs(image, masks, spacing, window):
     if image.ndim != 3 or image.dtype.kind not in "biuf" or 0 in image.shape:
         raise VlsegError(f"overlay: expected a non-empty numeric 3D image, got shape {image.shape}, "
                          f"dtype {image.dtype}")
-    try:
-        sp = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        raise VlsegError(f"overlay: spacing must be three positive numbers, got {spacing!r}") from None
-    if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
-        raise VlsegError(f"overlay: spacing must be three positive numbers, got {spacing!r}")
+    sp = positive_triple(spacing, "spacing", where="overlay")
     if not isinstance(masks, dict):
         raise VlsegError(f"overlay: masks must be a dict of prompt name -> 3D mask, got {type(masks).__name__}")
     arrays = {}
