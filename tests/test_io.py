@@ -403,3 +403,25 @@ def test_unknown_modality():
     with pytest.raises(VlsegError) as err:
         normalize_intensity(np.zeros(3), "PET")
     assert "'PET'" in str(err.value) and "CT" in str(err.value) and "MR" in str(err.value)
+
+
+def test_nrrd_and_metaimage_read_on_the_same_world_grid(tmp_path):
+    import SimpleITK as sitk
+
+    affine = np.array([[0, 0, -4.0, 30], [-2.0, 0, 0, -12], [0, 3.0, 0, 7], [0, 0, 0, 1]])  # oblique-free, permuted
+    data = np.random.default_rng(1).integers(-100, 100, size=(6, 7, 8)).astype(np.int16)
+    nii = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), nii)
+    reference = load_scan(nii)
+    for suffix in (".nrrd", ".mha"):
+        other = tmp_path / f"scan{suffix}"
+        sitk.WriteImage(sitk.ReadImage(str(nii)), str(other))  # ITK converts to its LPS convention on the way
+        scan = load_scan(other)
+        assert np.array_equal(scan.data, reference.data) and np.allclose(scan.affine, reference.affine), suffix
+        out = save_like((scan.data > 0).astype(np.uint8), scan, tmp_path / f"mask{suffix}.nii.gz")
+        assert np.allclose(nib.load(out).affine, load_scan(other).original_affine)
+    with pytest.raises(VlsegError, match="missing.nrrd: file not found"):
+        load_scan(tmp_path / "missing.nrrd")
+    (tmp_path / "bad.nrrd").write_bytes(b"NRRD0004\ngarbage")
+    with pytest.raises(VlsegError, match="bad.nrrd: unreadable image"):
+        load_scan(tmp_path / "bad.nrrd")

@@ -195,8 +195,36 @@ def _read_voxels(img, name: str) -> np.ndarray:
         raise VlsegError(f"{name}: unreadable voxel data ({_first_line(exc)})") from None
 
 
+# Formats ITK reads (NRRD from 3D Slicer, MetaImage); NIfTI stays on nibabel, which keeps its header for outputs.
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _read_itk(path: Path) -> nib.Nifti1Image:
+    """An NRRD/MetaImage file → nibabel image with a RAS affine (ITK's direction/origin are LPS)."""
+    if not path.exists():
+        raise VlsegError(f"{path}: file not found")
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise VlsegError(f"{path}: reading {path.suffix} files needs SimpleITK (pip install SimpleITK)") from None
+    try:
+        img = sitk.ReadImage(str(path))
+        data = sitk.GetArrayFromImage(img)  # [z, y, x]
+    except RuntimeError as exc:
+        raise VlsegError(f"{path}: unreadable image ({_first_line(exc).strip()})") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise VlsegError(f"{path}: not a 3D image (shape {_shape_str(img.GetSize())}, "
+                         f"{img.GetNumberOfComponentsPerPixel()} components)")
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = lps_to_ras @ np.asarray(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
+    affine[:3, 3] = lps_to_ras @ np.asarray(img.GetOrigin())
+    return nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
+
+
 def load_scan(source) -> Scan:
-    """A ``.nii``/``.nii.gz`` path, a nibabel image or a ``Scan`` → validated RAS-canonical ``Scan``.
+    """A ``.nii``/``.nii.gz`` (or NRRD/MetaImage) path, a nibabel image or a ``Scan`` → validated RAS-canonical
+    ``Scan``.  Outputs for an NRRD input are NIfTI files on the same world grid.
 
     A ``Scan`` is returned as is.  A nibabel image gets ``path=None`` (messages use its file name when it has one).
     """
@@ -209,6 +237,11 @@ def load_scan(source) -> Scan:
             shape3 = _spatial_shape(img, name)
         except (AttributeError, TypeError) as exc:
             raise VlsegError(f"{name}: unusable image ({_first_line(exc)})") from None
+    elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in ITK_SUFFIXES:
+        path = Path(source).expanduser()
+        name = str(path)
+        img = _read_itk(path)
+        shape3 = _spatial_shape(img, name)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         name = str(path)
