@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from vlseg.data.manifest import Case, read_manifest, write_manifest
+from vlseg.data.manifest import Case, bounding_boxes, read_manifest, write_manifest
 from vlseg.errors import VlsegError
 from vlseg.io import MODALITIES, load_label, load_scan
 from vlseg.vocab import Vocabulary
@@ -95,9 +95,10 @@ def check_case(case_id, image, label, classes, declared: set[int], dataset, moda
     undeclared = sorted(found - declared - {0})
     if undeclared:
         raise VlsegError(f"{label}: label values {undeclared} are not declared in the dataset description")
-    present = {name: bool(np.isin(lab, values).any()) for name, values in classes.items()}
+    boxes = bounding_boxes(lab, classes)
+    present = {name: name in boxes for name in classes}
     return Case(case_id, dataset, modality, Path(image).resolve(), Path(label).resolve(), classes, present,
-                tuple(scan.original_shape), tuple(scan.spacing), "train")
+                tuple(scan.original_shape), tuple(scan.spacing), "train", boxes, scan.original_affine.tolist())
 
 
 def merge_masks(case_dir: Path, image_name: str, mask_classes: dict[str, str], vocabulary: Vocabulary,

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from vlseg.data.manifest import Case, write_manifest
+from vlseg.data.manifest import Case, bounding_boxes, write_manifest
 from vlseg.errors import VlsegError
 
 LABELS = {"liver": 1, "liver tumor": 2, "spleen": 3, "right kidney": 4, "left kidney": 5}
@@ -313,10 +313,11 @@ def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(56, 56, 
         written |= {img_path, lab_path}
 
         split = "test" if kind == "test" else ("val" if i == n_train - 1 else "train")
-        present = {cls: bool(np.isin(label, v).any()) for cls, v in values.items()}
+        boxes = bounding_boxes(label, values)  # the arrays are already RAS-canonical
+        present = {cls: cls in boxes for cls in values}
         cases.append(Case(case_id=case_id, dataset=name, modality="CT", image=img_path.resolve(),
                           label=lab_path.resolve(), classes=values, present=present, shape=shape, spacing=spacing,
-                          split=split))
+                          split=split, boxes=boxes, affine=affine.tolist()))
 
     for d, (folder, name, annotated, kind) in enumerate(DATASETS):
         pattern = re.compile(rf"{re.escape(name)}_\d+(_0000)?\.nii\.gz")

@@ -154,3 +154,26 @@ def test_per_class_mask_folders(phantom_corpus, tmp_path):
     for name, mask in [("liver", masks["liver"]), ("liver tumor", masks["liver_tumor"]), ("spleen", masks["spleen"])]:
         assert np.array_equal(good.class_mask(label, name), mask), name  # the tumour survives inside the liver
     assert not (tmp_path / "corpus" / "labels" / "TS" / "overlap.nii.gz").exists()
+
+
+def test_manifest_carries_boxes_and_the_original_affine(phantom_corpus, tmp_path):
+    from vlseg.io import load_label, load_scan
+
+    source = phantom_corpus.parent / "Dataset001_PhantomLiver"
+    convert(source, _map(tmp_path, {"liver": "liver", "liver tumor": "liver tumor"}), tmp_path / "m.jsonl",
+            progress=False)
+    for case in read_manifest(tmp_path / "m.jsonl"):
+        scan = load_scan(case.image)
+        label = load_label(case.label, like=scan)
+        assert np.allclose(case.affine, nib.load(case.image).affine)
+        assert set(case.boxes) == {n for n, p in case.present.items() if p}
+        x0, y0, z0, x1, y1, z1 = case.boxes["liver"]
+        liver = case.class_mask(label, "liver")
+        assert liver[x0:x1, y0:y1, z0:z1].sum() == liver.sum()  # the box holds the whole class...
+        assert liver[x0, y0:y1, z0:z1].any() and liver[x1 - 1, y0:y1, z0:z1].any()  # ...and is tight
+    bad = tmp_path / "bad.jsonl"
+    row = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])
+    row["boxes"] = {"spleen": [0, 0, 0, 1, 1, 1]}
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(VlsegError, match="bad.jsonl:1: 'boxes' must map annotated classes"):
+        read_manifest(bad)

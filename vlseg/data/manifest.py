@@ -7,7 +7,9 @@ Paths inside are relative to the manifest's folder.  Schema version 1::
      "label": "Dataset001_PhantomLiver/labelsTr/PhantomLiver_000.nii.gz",
      "classes": {"liver": [1, 2], "liver tumor": [2]},
      "present": {"liver": true, "liver tumor": false},
-     "shape": [64, 64, 48], "spacing": [3.0, 3.0, 3.0], "split": "train"}
+     "shape": [64, 64, 48], "spacing": [3.0, 3.0, 3.0], "split": "train",
+     "boxes": {"liver": [3, 20, 11, 30, 52, 40]},          # optional: per present class, on the canonical grid
+     "affine": [[3, 0, 0, -96], [0, 3, 0, -96], [0, 0, 3, -72], [0, 0, 0, 1]]}   # optional: the image's own
 
 ``classes`` lists the canonical classes the case's dataset *annotates*, each mapped to the label values whose union is
 that class (the liver includes its tumours).  Masked back-propagation supervises exactly these classes, present or
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,8 @@ class Case:
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
     split: str
+    boxes: dict[str, list[int]] = field(default_factory=dict)  # present class -> [x0, y0, z0, x1, y1, z1]
+    affine: list[list[float]] | None = None  # the image file's own 4x4 affine
 
     def class_mask(self, label: np.ndarray, name: str) -> np.ndarray:
         """Boolean mask of class ``name`` in a label map of this case's dataset."""
@@ -66,7 +70,20 @@ class Case:
                 "classes": {str(k): [int(v) for v in vals] for k, vals in self.classes.items()},
                 "present": {str(k): bool(v) for k, v in self.present.items()},
                 "shape": [int(n) for n in self.shape], "spacing": [float(s) for s in self.spacing],
-                "split": self.split}
+                "split": self.split,
+                **({"boxes": {k: [int(v) for v in b] for k, b in self.boxes.items()}} if self.boxes else {}),
+                **({"affine": [[float(v) for v in r] for r in self.affine]} if self.affine is not None else {})}
+
+
+def bounding_boxes(label: np.ndarray, classes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per present class, its box on the label's (canonical) grid: ``[x0, y0, z0, x1, y1, z1]``, end exclusive —
+    what lets a training crop be centred on a class without reading the whole label."""
+    out = {}
+    for name, values in classes.items():
+        where = np.argwhere(np.isin(label, values))
+        if len(where):
+            out[name] = [*map(int, where.min(0)), *map(int, where.max(0) + 1)]
+    return out
 
 
 def _is_int(v) -> bool:
@@ -123,11 +140,22 @@ def _parse(line: str, where: str, root: Path) -> Case:
     if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(s) and s > 0 for s in spacing):
         raise VlsegError(f"{where}: 'spacing' must be three positive numbers, got {spacing!r}")
 
+    boxes = row.get("boxes") or {}
+    if not isinstance(boxes, dict) or not all(
+            name in classes and isinstance(b, list) and len(b) == 6 and all(_is_int(v) and v >= 0 for v in b)
+            and all(b[i] < b[i + 3] for i in range(3)) for name, b in boxes.items()):
+        raise VlsegError(f"{where}: 'boxes' must map annotated classes to [x0, y0, z0, x1, y1, z1] with x0 < x1 ...")
+    affine = row.get("affine")
+    if affine is not None and (not isinstance(affine, list) or len(affine) != 4 or not all(
+            isinstance(r, list) and len(r) == 4 and all(_is_number(v) for v in r) for r in affine)):
+        raise VlsegError(f"{where}: 'affine' must be a 4x4 list of numbers")
+
     return Case(case_id=row["case_id"], dataset=row["dataset"], modality=row["modality"],
                 image=Path(os.path.normpath(root / row["image"])), label=Path(os.path.normpath(root / row["label"])),
                 classes={str(k): list(v) for k, v in classes.items()},
                 present={str(k): bool(v) for k, v in present.items()},
-                shape=tuple(shape), spacing=tuple(float(s) for s in spacing), split=row["split"])
+                shape=tuple(shape), spacing=tuple(float(s) for s in spacing), split=row["split"],
+                boxes={str(k): list(v) for k, v in boxes.items()}, affine=affine)
 
 
 def read_manifest(path, split: str | None = None, datasets: list[str] | None = None) -> list[Case]:
