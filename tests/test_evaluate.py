@@ -36,6 +36,7 @@ def test_absent_class_answered_with_a_mask_is_a_false_positive(tiny_run, phantom
     case = read_manifest(phantom_corpus, split="test")[0]
     case.classes = {"liver": case.classes["liver"], "spleen": [99]}  # value 99 never occurs: spleen is absent
     case.present = {"liver": True, "spleen": False}
+    case.boxes = {"liver": case.boxes["liver"]}
     manifest = write_manifest(tmp_path / "m.jsonl", [case])
     seg = Segmenter.from_pretrained(tiny_run)
     seg.config["inference"].update(threshold=0.0, presence_threshold=0.0)  # predict every voxel for every prompt
