@@ -27,12 +27,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
+from vlseg.config import load_yaml
 from vlseg.data.manifest import Case, bounding_boxes, read_manifest, write_manifest
 from vlseg.errors import VlsegError
-from vlseg.io import MODALITIES, load_label, load_scan
+from vlseg.io import canonical_modality, load_label, load_scan
 from vlseg.vocab import Vocabulary
 
 
@@ -74,23 +74,28 @@ def class_values(local: dict[str, list[int]], mapping: dict, vocabulary: Vocabul
         if vocabulary.resolve(str(canonical)) != canonical:
             raise VlsegError(f"{source}: {canonical!r} is not a canonical class (see `vlseg classes`)")
         direct.setdefault(canonical, set()).update(values)
-    out = {name: set(v) for name, v in direct.items()}
-    changed = True
-    while changed:  # parents may themselves be parts of larger classes
-        changed = False
-        for name in vocabulary.names:
-            parts = [c for c in vocabulary.includes[name] + vocabulary.union_of[name] if c in out]
-            if name in out or (vocabulary.union_of[name] and len(parts) == len(vocabulary.union_of[name])):
-                extra = set().union(*(out[c] for c in parts)) if parts else set()
-                if name not in out or not extra <= out[name]:
-                    out[name] = out.get(name, set()) | extra
-                    changed = True
-    return {name: sorted(values) for name, values in out.items() if name in vocabulary.names}
+    memo: dict[str, set[int] | None] = {}
+
+    def values_of(name: str) -> set[int] | None:
+        # A class is known when mapped directly, or when it is a union whose parts are all known; a known class
+        # also covers whatever known classes it includes or is made of.
+        if name not in memo:
+            parts = {p: values_of(p) for p in vocabulary.includes[name] + vocabulary.union_of[name]}
+            union_known = bool(vocabulary.union_of[name]) and all(parts[p] is not None
+                                                                    for p in vocabulary.union_of[name])
+            known = name in direct or union_known
+            memo[name] = set(direct.get(name, ())).union(*(v for v in parts.values() if v)) if known else None
+        return memo[name]
+
+    return {name: sorted(values_of(name)) for name in vocabulary.names if values_of(name) is not None}
 
 
-def check_case(case_id, image, label, classes, declared: set[int], dataset, modality) -> Case:
-    scan = load_scan(image)
-    lab = load_label(label, like=scan)
+def check_case(case_id, image, label, classes, declared: set[int], dataset, modality, loaded=None) -> Case:
+    """Validate one case (``loaded``: its scan and label array when already read) and describe it."""
+    scan, lab = loaded or (None, None)
+    if scan is None:
+        scan = load_scan(image)
+        lab = load_label(label, like=scan)
     found = set(np.unique(lab).tolist())
     undeclared = sorted(found - declared - {0})
     if undeclared:
@@ -102,8 +107,9 @@ def check_case(case_id, image, label, classes, declared: set[int], dataset, moda
 
 
 def merge_masks(case_dir: Path, image_name: str, mask_classes: dict[str, str], vocabulary: Vocabulary,
-                out_path: Path) -> None:
-    """Per-class binary masks → one label map (value i+1 for the i-th mapped mask), written like the image.
+                out_path: Path):
+    """Per-class binary masks → one label map (value i+1 for the i-th mapped mask), written like the image;
+    returns ``(scan, label)`` so the case is not read again.
 
     A mask included in another (a tumour in its organ) is painted after it and wins; any other overlap is an error,
     since one label map cannot hold it."""
@@ -111,7 +117,6 @@ def merge_masks(case_dir: Path, image_name: str, mask_classes: dict[str, str], v
 
     scan = load_scan(case_dir / image_name)
     label = np.zeros(scan.data.shape, np.uint8)
-    owner = np.full(scan.data.shape, -1, np.int16)
     stems = list(mask_classes)
     depth = {s: len(vocabulary.parents(mask_classes[s])) for s in stems}  # parents first, then what they include
     for i in sorted(range(len(stems)), key=lambda k: depth[stems[k]]):
@@ -120,13 +125,13 @@ def merge_masks(case_dir: Path, image_name: str, mask_classes: dict[str, str], v
         if not set(np.unique(mask).tolist()) <= {0, 1}:
             raise VlsegError(f"{path}: not a binary mask (values {sorted(set(np.unique(mask).tolist()))[:5]})")
         mask = mask.astype(bool)
-        for j in set(np.unique(owner[mask]).tolist()) - {-1}:
-            if mask_classes[stems[i]] not in vocabulary.includes[mask_classes[stems[j]]]:
-                raise VlsegError(f"{path}: overlaps {stems[j]}.nii.gz, which does not contain it")
+        for value in set(np.unique(label[mask]).tolist()) - {0}:
+            other = stems[value - 1]
+            if mask_classes[stems[i]] not in vocabulary.includes[mask_classes[other]]:
+                raise VlsegError(f"{path}: overlaps {other}.nii.gz, which does not contain it")
         label[mask] = i + 1
-        owner[mask] = i
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     save_like(label, scan, out_path)
+    return scan, label
 
 
 def read_mask_folders(source: Path, spec: dict, manifest: Path):
@@ -143,15 +148,11 @@ def read_mask_folders(source: Path, spec: dict, manifest: Path):
 def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True):
     """Returns (cases written, [per-case error lines])."""
     source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
-    if not mapping_path.is_file():
-        raise VlsegError(f"{mapping_path}: map file not found")
-    spec = yaml.safe_load(mapping_path.read_text()) or {}
+    spec = load_yaml(mapping_path, "map file")
     for key in ("dataset", "modality", "labels"):
         if key not in spec:
             raise VlsegError(f"{mapping_path}: missing {key!r}")
-    modality = MODALITIES.get(str(spec["modality"]).upper())
-    if modality is None:
-        raise VlsegError(f"{mapping_path}: modality {spec['modality']!r} unknown; use one of CT, MR")
+    modality = canonical_modality(spec["modality"], where=str(mapping_path))
     vocabulary = Vocabulary.load(spec.get("vocabulary", "default"))
     mask_folders = not (source / "dataset.json").is_file() and source.is_dir()
     if mask_folders:
@@ -160,14 +161,14 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
         local, items = read_layout(source)
     classes = class_values(local, spec["labels"], vocabulary, str(mapping_path))
     declared = {v for values in local.values() for v in values}
+    mask_classes = {str(k): str(v) for k, v in spec["labels"].items()}
     cases, errors = [], []
     for case_id, image, label in tqdm(items, desc=f"converting {spec['dataset']}", disable=not progress):
         try:
-            if mask_folders:
-                merge_masks(Path(image).parent, image_name, {str(k): v for k, v in spec["labels"].items()},
-                            vocabulary, Path(label))
+            loaded = merge_masks(Path(image).parent, image_name, mask_classes, vocabulary, Path(label)) \
+                if mask_folders else None
             cases.append(check_case(f"{spec['dataset']}_{case_id}", image, label, classes, declared,
-                                    str(spec["dataset"]), modality))
+                                    str(spec["dataset"]), modality, loaded))
         except VlsegError as exc:
             errors.append(str(exc))
     rng = np.random.default_rng(seed)

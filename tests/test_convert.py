@@ -115,7 +115,7 @@ def test_bad_map_or_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VlsegError, match="empty: no case folders with a segmentations/ folder inside"):
         convert(tmp_path / "empty", _map(tmp_path, {"a": "liver"}), tmp_path / "m.jsonl")
-    with pytest.raises(VlsegError, match="modality 'PET' unknown"):
+    with pytest.raises(VlsegError, match=r"Local.yaml: modality 'PET': unknown; use one of CT, MR"):
         convert(tmp_path, _map(tmp_path, {"a": "liver"}, modality="PET"), tmp_path / "m.jsonl")
 
 

@@ -72,15 +72,13 @@ def classes(argv=None) -> int:
     def go():
         import json
 
-        from vlseg.io import MODALITIES
+        from vlseg.io import canonical_modality
         from vlseg.vocab import Vocabulary
 
         vocab = Vocabulary.load(args.vocabulary)
         names = vocab.names
         if args.modality:
-            kind = MODALITIES.get(args.modality.upper())
-            if kind is None:
-                raise VlsegError(f"modality {args.modality!r}: unknown; use one of CT, MR")
+            kind = canonical_modality(args.modality)
             names = [n for n in names if kind in vocab.modalities[n]]
         vocab = vocab.subset(names)
         if args.json:

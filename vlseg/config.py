@@ -148,10 +148,11 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
     return cfg
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML mapping from a file; a missing file, bad YAML or a non-mapping is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise VlsegError(f"{path}: config file not found")
+        raise VlsegError(f"{path}: {what} not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

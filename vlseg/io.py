@@ -433,6 +433,25 @@ def resample_to_spacing(data, spacing, target_spacing, order: int = 1) -> np.nda
 # ---------------------------------------------------------------------------------------------------- normalising
 
 
+def canonical_modality(name, where: str = "") -> str:
+    """"CT" or "MR" for any accepted spelling ("mri", "Ct" ...); else a one-line error (prefixed by ``where``)."""
+    kind = MODALITIES.get(str(name).strip().upper())
+    if kind is None:
+        raise VlsegError(f"{where + ': ' if where else ''}modality {name!r}: unknown; use one of CT, MR")
+    return kind
+
+
+def intensity_window(window, what: str) -> tuple[float, float]:
+    """``(low, high)`` as two finite floats with low < high, or a one-line error naming ``what``."""
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise VlsegError(f"{what} must be two finite numbers (low, high) with low < high, got {window!r}")
+    return lo, hi
+
+
 def normalize_intensity(data, modality: str, ct_window=(-200.0, 300.0)) -> np.ndarray:
     """Model-ready float32 intensities.
 
@@ -440,17 +459,10 @@ def normalize_intensity(data, modality: str, ct_window=(-200.0, 300.0)) -> np.nd
     non-zero voxels, then z-score with the mean and standard deviation of those voxels (an all-zero image stays 0).
     ``modality`` is "CT" or "MR" in any case; "MRI" means MR.
     """
-    kind = MODALITIES.get(str(modality).strip().upper())
-    if kind is None:
-        raise VlsegError(f"modality {modality!r}: unknown; use one of CT, MR")
+    kind = canonical_modality(modality)
     data = np.asarray(data, dtype=np.float32)
     if kind == "CT":
-        try:
-            lo, hi = (float(v) for v in ct_window)
-        except (TypeError, ValueError):
-            raise VlsegError(f"ct_window {ct_window!r}: expected two numbers (low, high)") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise VlsegError(f"ct_window {ct_window!r}: need finite low < high")
+        lo, hi = intensity_window(ct_window, "ct_window")
         return ((np.clip(data, lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
     foreground = data != 0
     values = data[foreground]

@@ -23,7 +23,7 @@ from scipy import ndimage
 
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
-from vlseg.io import positive_triple
+from vlseg.io import intensity_window, positive_triple
 
 # Distinct, saturated, never grey (so a mask colour cannot be mistaken for the scan).  More masks than colours get
 # extra hues from the golden-ratio sequence (see ``mask_colour``).
@@ -75,13 +75,7 @@ def _check_inputs(image, masks, spacing, window):
             raise VlsegError(f"overlay: mask {name!r} has non-numeric dtype {m.dtype}")
         arrays[str(name)] = m if m.dtype == bool else m != 0
     if window is not None:
-        try:
-            lo, hi = (float(w) for w in window)
-        except (TypeError, ValueError):
-            raise VlsegError(f"overlay: window must be (low, high), got {window!r}") from None
-        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-            raise VlsegError(f"overlay: window must be two finite numbers with low < high, got {window!r}")
-        window = (lo, hi)
+        window = intensity_window(window, "overlay: window")
     return image, arrays, sp, window
 
 

@@ -78,14 +78,9 @@ class Vocabulary:
         if str(spec) == "default":
             text = resources.files("vlseg.resources").joinpath("vocabulary.yaml").read_text()
             return cls.from_dict(yaml.safe_load(text), "vlseg/resources/vocabulary.yaml")
-        path = Path(spec)
-        if not path.is_file():
-            raise VlsegError(f"{path}: vocabulary file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise VlsegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        return cls.from_dict(data, str(path))
+        from vlseg.config import load_yaml
+
+        return cls.from_dict(load_yaml(spec, "vocabulary file"), str(spec))
 
     def subset(self, names, source: str = "the corpus") -> "Vocabulary":
         """The classes in ``names`` (canonical order kept); unknown names are an error naming ``source``."""
