@@ -33,9 +33,11 @@ def test_positions_distinguish_voxels_and_scale_free():
     pos = sinusoidal_positions_3d((4, 4, 2), 36)
     assert pos.shape == (32, 36)
     assert torch.cdist(pos, pos).fill_diagonal_(1).min() > 1e-3
-    # The centre of a coarse cell equals the mean position of the fine cells' region only approximately, but the
-    # same normalised coordinate gives the same code on any grid:
-    assert torch.allclose(sinusoidal_positions_3d((1, 1, 1), 36), sinusoidal_positions_3d((1, 1, 1), 36))
+    # Coordinates are normalised, so the same place gets the same code on any grid: the single cell of a 1³ grid
+    # and the centre cell (1, 1, 1) of a 3³ grid both sit at (0.5, 0.5, 0.5).
+    coarse, fine = sinusoidal_positions_3d((1, 1, 1), 36), sinusoidal_positions_3d((3, 3, 3), 36)
+    assert torch.allclose(coarse[0], fine[1 * 9 + 1 * 3 + 1], atol=1e-6)
+    assert not torch.allclose(coarse[0], fine[0])
 
 
 def _decoder(self_attention=True):

@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         segmenter = Segmenter.from_pretrained(run_dir)
         summary = evaluate(segmenter, manifest, "test", run_dir / "eval-test")
         print(format_table(summary))
-        case = next((c for c in read_manifest(manifest, split="test") if c.present.get("liver tumor")),
-                    read_manifest(manifest, split="test")[0])
+        test_cases = read_manifest(manifest, split="test")
+        case = next((c for c in test_cases if c.present.get("liver tumor")), test_cases[0])
         print(f"[4/4] asking for 'liver tumor' and 'liver' on {case.case_id}")
         result = segmenter.segment(case.image, ["liver tumor", "liver"], modality=case.modality)
         files = result.save(Path(args.out) / case.case_id)

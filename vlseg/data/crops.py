@@ -7,7 +7,7 @@ the in-memory copy for real corpora.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,6 +23,12 @@ class LoadedCase:
     case: Case
     image: np.ndarray  # normalised, canonical orientation, [X, Y, Z] float32
     masks: dict[str, np.ndarray]  # annotated canonical class → bool mask
+    foreground: dict[str, np.ndarray] = field(default_factory=dict)  # present class → its voxel coordinates [N, 3]
+
+    def __post_init__(self):
+        # Found once here rather than scanning the whole mask for every foreground-centred crop.
+        if not self.foreground:
+            self.foreground = {n: np.argwhere(m) for n, m in self.masks.items() if m.any()}
 
 
 def load_case(case: Case, ct_window=(-200.0, 300.0), target_spacing=None) -> LoadedCase:
@@ -74,11 +80,10 @@ class CropDataset(Dataset):
         return self.length
 
     def _centre(self, lc: LoadedCase, rng: np.random.Generator):
-        present = [n for n, m in lc.masks.items() if m.any()]
+        present = list(lc.foreground)
         if present and rng.random() < self.foreground_prob:
             # Class-aware: pick the class first, so a small tumour is centred as often as the liver around it.
-            mask = lc.masks[present[int(rng.integers(len(present)))]]
-            coords = np.argwhere(mask)
+            coords = lc.foreground[present[int(rng.integers(len(present)))]]
             return coords[int(rng.integers(len(coords)))]
         return [int(rng.integers(n)) for n in lc.image.shape]
 

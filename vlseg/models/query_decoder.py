@@ -7,6 +7,7 @@ taken from a library because the masked, variable-length query handling and the 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,11 @@ from torch import nn
 
 from vlseg.models.unet import ImageFeatures
 from vlseg.registry import FUSIONS
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(shape: tuple[int, int, int], dim: int, device: str) -> torch.Tensor:
+    return sinusoidal_positions_3d(shape, dim, device)
 
 
 def sinusoidal_positions_3d(shape, dim: int, device=None) -> torch.Tensor:
@@ -77,7 +83,8 @@ class QueryDecoder(nn.Module):
             while fmap.shape[2:].numel() > self.max_tokens:  # bound attention cost on fine scales
                 fmap = F.avg_pool3d(fmap, kernel_size=2, stride=2, ceil_mode=True)
             tokens = proj(rearrange(fmap, "b c x y z -> b (x y z) c"))
-            pos = sinusoidal_positions_3d(fmap.shape[2:], tokens.shape[-1], tokens.device).to(tokens.dtype)
+            # The same grids recur every step and every window: the (fixed) encodings are computed once per shape.
+            pos = _positions(tuple(fmap.shape[2:]), tokens.shape[-1], str(tokens.device)).to(tokens.dtype)
             values.append(tokens + self.level_embed[level])
             keys.append(tokens + self.level_embed[level] + pos)
         keys, values = torch.cat(keys, 1), torch.cat(values, 1)
