@@ -29,8 +29,24 @@ DEFAULTS: dict[str, Any] = {
         "max_queries": 16,
         "synonyms": True,
         "ct_window": [-200.0, 300.0],
-        "target_spacing": None,
+        "target_spacing": None,  # None: native; [x, y, z] mm; "auto": per dataset by nnU-Net's median rule
+        "spacing_per_dataset": {},  # dataset → [x, y, z], overriding target_spacing for that dataset
+        "inference_spacing": None,  # predictions' working spacing; None: set by training from the above
+        "cache": None,  # preprocessing cache folder; None: <manifest folder>/cache
+        "preprocess_workers": 2,
         "num_workers": 0,
+        "dataset_temperature": 1.0,  # dataset mixing weights ∝ cases^(1/T); large T → uniform
+        "dataset_weights": {},  # dataset → extra sampling factor
+        "class_weights": {},  # class → extra factor for foreground-centred crops (default: equal per class)
+        "negative_fraction": 0.25,  # share of the queries kept for annotated classes absent from the crop
+        "zoom_range": [1.0, 1.0],  # random zoom of training crops (read region size / crop size)
+        "synthesis": {  # synthetic lesions inside an annotated organ, learnt as their own class (vlseg.data.synth)
+            "enabled": False,
+            "organ": "liver",
+            "target": "liver tumor",
+            "datasets": [],  # empty: every CT dataset annotating the organ but not the target
+            "lesion": {},  # LesionConfig fields
+        },
     },
     "text_encoder": {
         "name": "hf",
@@ -89,6 +105,9 @@ DEFAULTS: dict[str, Any] = {
 # Sections holding a registered component: their keys are that component's constructor arguments, so choosing another
 # component (a different ``name``) drops the defaults that belonged to the previous one.
 COMPONENT_SECTIONS = ("text_encoder", "image_encoder", "fusion", "loss")
+# Mappings whose keys are names chosen by the user (datasets, classes, lesion parameters), not fixed settings.
+FREE_FORM = {("data", "spacing_per_dataset"), ("data", "dataset_weights"), ("data", "class_weights"),
+             ("data", "synthesis", "lesion")}
 
 
 def _component_reset(cfg: dict, update: dict) -> dict:
@@ -141,7 +160,7 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             if not isinstance(node.get(key), dict):
                 raise VlsegError(f"override {text!r}: {'.'.join(keys[: i + 1])} is not a section of the config")
             node = node[key]
-        if keys[-1] not in node and keys[0] not in COMPONENT_SECTIONS:
+        if keys[-1] not in node and keys[0] not in COMPONENT_SECTIONS and tuple(keys[:-1]) not in FREE_FORM:
             # Component sections take free-form constructor arguments; elsewhere a typo should not pass silently.
             raise VlsegError(f"override {text!r}: unknown key {'.'.join(keys)}")
         node[keys[-1]] = value

@@ -99,6 +99,15 @@ class SegmentationResult:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def working_spacing(dcfg: dict):
+    """The spacing the model predicts at: recorded by training (``inference_spacing``), else a fixed
+    ``target_spacing``; None keeps the scan's own grid."""
+    if dcfg.get("inference_spacing"):
+        return dcfg["inference_spacing"]
+    target = dcfg.get("target_spacing")
+    return target if isinstance(target, (list, tuple)) else None
+
+
 class Segmenter:
     def __init__(self, net, text_encoder, vocabulary, config: dict, checkpoint: str = "", device=None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -127,8 +136,9 @@ class Segmenter:
         start = time.perf_counter()
         scan = load_scan(image)
         data = normalize_intensity(scan.data, modality, tuple(dcfg["ct_window"]))
-        if dcfg.get("target_spacing"):
-            data = resample_to_spacing(data, scan.spacing, dcfg["target_spacing"], order=1)
+        spacing = working_spacing(dcfg)
+        if spacing is not None:
+            data = resample_to_spacing(data, scan.spacing, spacing, order=1)
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(self.device)
         emb = self.embed(prompts)[None]  # [1, Q, D]
         presence = torch.zeros(len(prompts), device=self.device)

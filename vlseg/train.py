@@ -15,14 +15,16 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vlseg.checkpoint import list_checkpoints, load_network_state, read_checkpoint, save_checkpoint
 from vlseg.config import apply_overrides, load_config, save_config
-from vlseg.data.crops import CropDataset, collate, load_case
+from vlseg.data.crops import CropDataset, collate, synthesis_plan
 from vlseg.data.manifest import read_manifest
+from vlseg.data.preprocess import default_cache_dir, open_cache, preprocess_corpus
 from vlseg.errors import VlsegError
 from vlseg.losses import LOSSES
 from vlseg.models.network import build_network, prompt_inputs
@@ -59,13 +61,48 @@ def make_accelerator(cfg: dict):
                        cpu=not torch.cuda.is_available())
 
 
-def load_training_cases(cfg: dict, split: str, progress: bool = True):
+def preprocess_settings(cfg: dict) -> dict:
+    """The config entries the preprocessing cache depends on."""
+    d = cfg["data"]
+    return {"ct_window": list(d["ct_window"]), "target_spacing": d["target_spacing"],
+            "spacing_per_dataset": dict(d.get("spacing_per_dataset") or {})}
+
+
+def cache_dir(cfg: dict) -> Path:
+    return Path(cfg["data"]["cache"]) if cfg["data"].get("cache") else default_cache_dir(cfg["data"]["manifest"])
+
+
+def load_training_cases(cfg: dict, split: str, progress: bool = True, accelerator=None) -> list:
+    """The split's cases, preprocessed into the cache where needed (up-to-date cases are skipped) and opened as
+    memory maps.  Any case that cannot be preprocessed stops training with a one-line error."""
     manifest = Path(cfg["data"]["manifest"])
     cases = read_manifest(manifest, split=split)
     if not cases:
         raise VlsegError(f"{manifest}: no cases in split {split!r}")
-    return [load_case(c, cfg["data"]["ct_window"], cfg["data"]["target_spacing"])
-            for c in tqdm(cases, desc=f"loading {split} cases", disable=not progress, leave=False)]
+    settings, cache = preprocess_settings(cfg), cache_dir(cfg)
+    if accelerator is None or accelerator.is_main_process:
+        report = preprocess_corpus(cases, cache, settings, workers=int(cfg["data"]["preprocess_workers"]),
+                                   progress=progress)
+        if report["errors"]:
+            first = report["errors"][0]
+            raise VlsegError(f"{first['file']}: {first['problem']} ({len(report['errors'])} case(s) failed "
+                             f"preprocessing; all are listed in {cache / 'report.json'})")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return open_cache(cases, cache, settings)
+
+
+def inference_spacing(cfg: dict, cases: list) -> list[float] | None:
+    """The spacing predictions are made at: the configured one, else — when training resamples per dataset — the
+    median of the training cases' cached spacings; None keeps each scan's native grid."""
+    d = cfg["data"]
+    if d.get("inference_spacing"):
+        return [float(v) for v in d["inference_spacing"]]
+    if isinstance(d["target_spacing"], (list, tuple)) and not d.get("spacing_per_dataset"):
+        return [float(v) for v in d["target_spacing"]]
+    if d["target_spacing"] is None and not d.get("spacing_per_dataset"):
+        return None
+    return [float(v) for v in np.median(np.array([c.spacing for c in cases], dtype=float), axis=0)]
 
 
 def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
@@ -90,10 +127,15 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     set_seed(int(cfg["seed"]))
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    cases = load_training_cases(cfg, dcfg["train_split"], progress and main)
-    if meta is None:  # the model knows the canonical classes its training corpus annotates
-        annotated = {name for lc in cases for name in lc.case.classes}
-        vocabulary = Vocabulary.load(cfg["vocabulary"]).subset(annotated, source=str(dcfg["manifest"]))
+    cases = load_training_cases(cfg, dcfg["train_split"], progress and main, accelerator)
+    if meta is None:  # the model knows the canonical classes its training corpus annotates (or synthesises)
+        full = Vocabulary.load(cfg["vocabulary"])
+        annotated = {name for cc in cases for name in cc.case.classes}
+        if dcfg["synthesis"].get("enabled"):
+            annotated.add(full.resolve(str(dcfg["synthesis"]["target"])) or str(dcfg["synthesis"]["target"]))
+        vocabulary = full.subset(annotated, source=str(dcfg["manifest"]))
+        dcfg["inference_spacing"] = inference_spacing(cfg, cases)
+        save_config(cfg, run_dir / "config.yaml")
     else:
         vocabulary = Vocabulary.from_dict(meta["vocabulary"])
     net, text_encoder = build_network(cfg, vocabulary)
@@ -122,7 +164,11 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     batch = int(tcfg["batch_size"])
     dataset = CropDataset(cases, vocabulary, dcfg["crop_size"], seed=int(cfg["seed"]),
                           foreground_prob=float(dcfg["foreground_prob"]), max_queries=int(dcfg["max_queries"]),
-                          synonyms=bool(dcfg["synonyms"]), query_unannotated=loss_fn.partial_labels == "naive")
+                          synonyms=bool(dcfg["synonyms"]), query_unannotated=loss_fn.partial_labels == "naive",
+                          dataset_temperature=float(dcfg["dataset_temperature"]),
+                          dataset_factors=dcfg["dataset_weights"], class_factors=dcfg["class_weights"],
+                          negative_fraction=float(dcfg["negative_fraction"]), zoom_range=dcfg["zoom_range"],
+                          synthesis=synthesis_plan(dcfg["synthesis"], cases, vocabulary, dcfg["ct_window"]))
     indices = list(range(start * batch, steps * batch))  # sample i of the run is always dataset[i]
     loader = DataLoader(dataset, batch_size=batch, sampler=indices, collate_fn=collate,
                         num_workers=int(dcfg["num_workers"]))
