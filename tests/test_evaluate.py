@@ -11,6 +11,7 @@ import pytest
 from vlseg import Segmenter
 from vlseg.data.manifest import read_manifest, write_manifest
 from vlseg.evaluate import evaluate
+from vlseg.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,14 +22,22 @@ def test_evaluate_cli_writes_csv_and_summary(tiny_run, phantom_corpus, tmp_path)
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "liver tumor" in out.stdout and "summary:" in out.stdout
-    rows = list(csv.DictReader(open(tmp_path / "ev" / "per_case.csv")))
+    all_rows = list(csv.DictReader(open(tmp_path / "ev" / "per_case.csv")))
+    rows = [r for r in all_rows if r["wording"] == "name"]
     cases = read_manifest(phantom_corpus, split="test")
     assert len(rows) == sum(len(c.classes) for c in cases)
     assert {r["class"] for r in rows} == {"liver", "liver tumor", "spleen", "right kidney", "left kidney"}
-    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in all_rows)
+    # each class is asked again with every held-out paraphrase of the vocabulary (never trained on)
+    vocabulary = Vocabulary.load("default")
+    heldout = [r for r in all_rows if r["wording"] == "heldout"]
+    assert len(heldout) == sum(len(vocabulary.heldout[n]) for c in cases for n in c.classes)
+    assert {r["prompt"] for r in heldout if r["class"] == "liver tumor"} == set(vocabulary.heldout["liver tumor"])
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["cases"] == len(cases) and summary["nsd_tolerance_mm"] == 2.0
     assert {g["class"] for g in summary["by_class"]} == {r["class"] for r in rows}
+    assert {g["class"] for g in summary["by_class_heldout"]} == {r["class"] for r in rows}
+    assert "held-out paraphrases" in out.stdout
     assert summary["by_dataset_class"][0]["dataset"] == "PhantomTest" and summary["overall"][0]["n"] == len(rows)
 
 

@@ -1,9 +1,9 @@
 """Evaluation: ``python evaluate.py --checkpoint RUN --manifest M --split test``.
 
 Every case is segmented with one prompt per class its dataset annotates (the canonical class name, or a chosen
-wording), scored with Dice, NSD (tolerance in mm) and HD95 (mm, from the voxel spacing).  A prompt for a class that
-is absent from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as correct
-(Dice 1) when it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall).
+wording), and again with each of its held-out paraphrases (never trained on), scored with Dice, NSD (tolerance in mm)
+and HD95 (mm, from the voxel spacing).  A prompt for a class that is absent from the case counts as a false positive
+when the predicted mask is non-empty (Dice 0), and as correct (Dice 1) when it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall).
 """
 
 from __future__ import annotations
@@ -21,15 +21,19 @@ from vlseg.errors import VlsegError
 from vlseg.io import load_label, load_scan
 from vlseg.metrics import score_case, summarise
 
-COLUMNS = ["case_id", "dataset", "class", "prompt", "dice", "nsd", "hd95", "presence_probability", "gt_voxels",
+COLUMNS = ["case_id", "dataset", "class", "prompt", "wording", "dice", "nsd", "hd95", "presence_probability", "gt_voxels",
            "pred_voxels", "gt_volume_ml", "pred_volume_ml", "false_positive", "false_negative"]
 
 
 def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
-             nsd_tolerance_mm: float = 2.0, classes: list[str] | None = None, progress: bool = True) -> dict:
+             nsd_tolerance_mm: float = 2.0, classes: list[str] | None = None, progress: bool = True,
+             heldout: bool = True) -> dict:
+    """Score every case of ``split``; with ``heldout``, each class is also asked with every held-out paraphrase the
+    model's vocabulary has for it (wordings never trained on), reported apart as ``by_class_heldout``."""
     cases = read_manifest(manifest, split=split)
     if not cases:
         raise VlsegError(f"{manifest}: no cases in split {split!r}")
+    vocabulary = getattr(segmenter, "vocabulary", None)
     rows = []
     for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
         scan = load_scan(case.image)
@@ -37,20 +41,28 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         names = [c for c in case.classes if classes is None or c in classes]
         if not names:
             continue
-        result = segmenter.segment(scan, names, modality=case.modality)
-        for name, r in zip(names, result.results):
+        asks = [(name, name, "name") for name in names]
+        if heldout and vocabulary is not None:
+            asks += [(name, text, "heldout") for name in names if name in vocabulary.names
+                     for text in vocabulary.heldout[name]]
+        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality)
+        for (name, _, wording), r in zip(asks, result.results):
             scores = score_case(r.mask.astype(bool), case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)
             rows.append({"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
-                         "presence_probability": r.presence_probability, **scores})
+                         "wording": wording, "presence_probability": r.presence_probability, **scores})
+    named = [r for r in rows if r["wording"] == "name"]
+    paraphrased = [r for r in rows if r["wording"] == "heldout"]
+    rows = named + paraphrased
     summary = {
         "split": split,
         "manifest": str(manifest),
         "checkpoint": getattr(segmenter, "checkpoint", ""),
         "nsd_tolerance_mm": nsd_tolerance_mm,
         "cases": len({r["case_id"] for r in rows}),
-        "by_class": summarise(rows, ("class",)),
-        "by_dataset_class": summarise(rows, ("dataset", "class")),
-        "overall": summarise(rows, ()),
+        "by_class": summarise(named, ("class",)),
+        "by_dataset_class": summarise(named, ("dataset", "class")),
+        "overall": summarise(named, ()),
+        "by_class_heldout": summarise(paraphrased, ("class",)) if paraphrased else [],
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -76,11 +88,17 @@ def _finite(obj):
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'class':<16}{'n':>4}{'Dice':>14}{'NSD':>14}{'HD95 mm':>10}{'FP':>4}{'FN':>4}"]
-    for row in summary["by_class"]:
-        lines.append(f"{row['class']:<16}{row['n']:>4}{row['dice_mean']:>8.3f}±{row['dice_std']:<5.3f}"
-                     f"{row['nsd_mean']:>8.3f}±{row['nsd_std']:<5.3f}{row['hd95_mean']:>10.2f}"
-                     f"{row['false_positives']:>4}{row['false_negatives']:>4}")
+    def table(groups: list[dict]) -> list[str]:
+        lines = [f"{'class':<24}{'n':>4}{'Dice':>14}{'NSD':>14}{'HD95 mm':>10}{'FP':>4}{'FN':>4}"]
+        for row in groups:
+            lines.append(f"{row['class']:<24}{row['n']:>4}{row['dice_mean']:>8.3f}±{row['dice_std']:<5.3f}"
+                         f"{row['nsd_mean']:>8.3f}±{row['nsd_std']:<5.3f}{row['hd95_mean']:>10.2f}"
+                         f"{row['false_positives']:>4}{row['false_negatives']:>4}")
+        return lines
+
+    lines = table(summary["by_class"])
+    if summary.get("by_class_heldout"):
+        lines += ["held-out paraphrases (never trained on):", *table(summary["by_class_heldout"])]
     return "\n".join(lines)
 
 
