@@ -44,7 +44,7 @@ def _cases(folder: Path) -> dict:
     nib.save(nib.Nifti1Image(arr, np.eye(4)), nan)
     return {
         "missing": (folder / "missing.nii.gz", "file not found"),
-        "directory": (folder, "not a file"),
+        "directory": (folder, "no DICOM series found"),
         "truncated": (truncated, "truncated or corrupt"),
         "garbage": (garbage, "not a NIfTI"),
         "plain_garbage": (plain_garbage, "not a NIfTI"),

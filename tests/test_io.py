@@ -233,8 +233,8 @@ def _expect(path, *fragments):
 def test_missing_file_and_directory(tmp_path):
     _expect(tmp_path / "missing.nii.gz", "file not found")
     folder = tmp_path / "folder.nii.gz"
-    folder.mkdir()
-    _expect(folder, "not a file")
+    folder.mkdir()  # a folder is read as a DICOM series
+    _expect(folder, "no DICOM series found")
 
 
 def test_garbage_and_truncated_files(tmp_path):

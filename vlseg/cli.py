@@ -29,7 +29,7 @@ def run_guarded(fn) -> int:
 
 def predict(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlseg predict", description="Segment a 3D scan with text prompts.")
-    parser.add_argument("-i", "--input", required=True, help="NIfTI scan (.nii / .nii.gz)")
+    parser.add_argument("-i", "--input", required=True, help="scan: NIfTI, NRRD/MHA, or a DICOM series folder")
     parser.add_argument("-p", "--prompt", action="append", default=[], help="structure to segment (repeatable)")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("-m", "--model", default=os.environ.get("VLSEG_MODEL", "checkpoints/phantom"),

@@ -215,6 +215,11 @@ def _read_itk(path: Path) -> nib.Nifti1Image:
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise VlsegError(f"{path}: not a 3D image (shape {_shape_str(img.GetSize())}, "
                          f"{img.GetNumberOfComponentsPerPixel()} components)")
+    return _itk_to_nifti(img, data)
+
+
+def _itk_to_nifti(img, data: np.ndarray) -> nib.Nifti1Image:
+    """An ITK image's geometry (LPS direction/origin) and its [z, y, x] array → nibabel image with a RAS affine."""
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
     affine = np.eye(4)
     affine[:3, :3] = lps_to_ras @ np.asarray(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
@@ -222,9 +227,62 @@ def _read_itk(path: Path) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
 
 
+def is_dicom_series(path) -> bool:
+    """Whether ``path`` is a folder (holding a DICOM series, as far as ``load_scan`` is concerned)."""
+    return isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir()
+
+
+def _read_dicom(folder: Path) -> nib.Nifti1Image:
+    """A folder holding one DICOM series → nibabel image with a RAS affine.
+
+    SimpleITK sorts the slices by position and derives the geometry; it only *warns* about a gap (a missing slice)
+    or uneven slice spacing and then returns a volume with the wrong geometry, so the slice positions are checked
+    here: they must lie on one line, evenly spaced."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise VlsegError(f"{folder}: reading DICOM series needs SimpleITK (pip install SimpleITK)") from None
+    # ITK prints its own warnings (no series, irregular spacing) straight to stderr; the checks below say it once.
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise VlsegError(f"{folder}: no DICOM series found in this folder")
+    if len(series) > 1:
+        raise VlsegError(f"{folder}: holds {len(series)} DICOM series ({', '.join(series[:2])}, ...); point at a "
+                         f"folder with one series")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if len(files) < 2:
+        raise VlsegError(f"{folder}: the DICOM series has {len(files)} slice; a 3D scan needs at least 2")
+    positions = []
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        try:
+            reader.ReadImageInformation()
+            positions.append([float(v) for v in reader.GetMetaData("0020|0032").replace(",", "\\").split("\\")])
+        except (RuntimeError, ValueError):
+            raise VlsegError(f"{f}: DICOM slice without a readable position (ImagePositionPatient)") from None
+    positions = np.asarray(positions)
+    steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    if steps.min() <= _MIN_VOXEL_MM or (steps.max() - steps.min()) > 0.01 * max(steps.mean(), 1e-3):
+        raise VlsegError(f"{folder}: DICOM slices are not evenly spaced (gaps from {steps.min():.3g} to "
+                         f"{steps.max():.3g} mm): a slice is missing or the series is irregular")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+        data = sitk.GetArrayFromImage(img)
+    except RuntimeError as exc:
+        raise VlsegError(f"{folder}: unreadable DICOM series ({_first_line(exc).strip()})") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise VlsegError(f"{folder}: not a 3D single-channel series")
+    return _itk_to_nifti(img, data)
+
+
 def load_scan(source) -> Scan:
-    """A ``.nii``/``.nii.gz`` (or NRRD/MetaImage) path, a nibabel image or a ``Scan`` → validated RAS-canonical
-    ``Scan``.  Outputs for an NRRD input are NIfTI files on the same world grid.
+    """A ``.nii``/``.nii.gz`` (or NRRD/MetaImage) path, a folder holding one DICOM series, a nibabel image or a
+    ``Scan`` → validated RAS-canonical ``Scan``.  Outputs for NRRD or DICOM input are NIfTI files on the same world
+    grid.
 
     A ``Scan`` is returned as is.  A nibabel image gets ``path=None`` (messages use its file name when it has one).
     """
@@ -237,6 +295,11 @@ def load_scan(source) -> Scan:
             shape3 = _spatial_shape(img, name)
         except (AttributeError, TypeError) as exc:
             raise VlsegError(f"{name}: unusable image ({_first_line(exc)})") from None
+    elif is_dicom_series(source):
+        path = Path(source).expanduser()
+        name = str(path)
+        img = _read_dicom(path)
+        shape3 = _spatial_shape(img, name)
     elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in ITK_SUFFIXES:
         path = Path(source).expanduser()
         name = str(path)
