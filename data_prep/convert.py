@@ -14,8 +14,15 @@ The map YAML names the dataset and modality and sends local label names (or valu
     modality: CT
     labels: {liver: liver, cancer: liver tumor}
 
+In the nnU-Net layout an image may also be a DICOM series: a folder ``imagesTr/<case>_0000/`` holding the slices
+(any file names), next to ``labelsTr/<case><file_ending>``; and ``file_ending: ".nrrd"`` takes NRRD images and labels.
+A map may start from another with ``labels_from: other.yaml`` (relative to it) and add or change labels; ``--dataset``
+and ``--split`` let one map serve several datasets (``--split test`` holds a whole dataset out).
+
 Each case is checked (readable image, label on the image grid, only declared label values, finite voxels); a bad case
 is reported with its file and problem and skipped, the others are written, and the command exits non-zero at the end.
+Every run also writes ``convert_report_<dataset>.json`` beside the manifest (converted cases, errors with file and
+problem).
 Cases of the same dataset already in the manifest are replaced; other datasets' lines are kept.
 """
 
@@ -30,7 +37,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlseg.config import load_yaml
-from vlseg.data.manifest import Case, bounding_boxes, read_manifest, write_manifest
+from vlseg.atomic import atomic_path
+from vlseg.data.manifest import SPLITS, Case, bounding_boxes, read_manifest, write_manifest
 from vlseg.errors import VlsegError
 from vlseg.io import canonical_modality, load_label, load_scan
 from vlseg.vocab import Vocabulary
@@ -58,7 +66,9 @@ def read_layout(source: Path) -> tuple[dict[str, list[int]], list[tuple[str, Pat
     cases = []
     for label in sorted((source / "labelsTr").glob(f"*{ending}")):
         case_id = label.name[: -len(ending)]
-        cases.append((case_id, source / "imagesTr" / f"{case_id}_0000{ending}", label))
+        image = source / "imagesTr" / f"{case_id}_0000{ending}"
+        series = source / "imagesTr" / f"{case_id}_0000"
+        cases.append((case_id, series if series.is_dir() and not image.exists() else image, label))
     return labels, cases
 
 
@@ -145,10 +155,30 @@ def read_mask_folders(source: Path, spec: dict, manifest: Path):
     return local, items, image_name
 
 
-def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True):
-    """Returns (cases written, [per-case error lines])."""
+def load_map(path: Path, seen: tuple = ()) -> dict:
+    """A map YAML; ``labels_from: other.yaml`` (relative to it) takes that map's labels, which this one extends."""
+    spec = load_yaml(path, "map file")
+    base = spec.get("labels_from")
+    if base:
+        base_path = (path.parent / str(base)).resolve()
+        if base_path in seen:
+            raise VlsegError(f"{path}: labels_from {base!r} refers back to itself")
+        inherited = load_map(base_path, (*seen, path.resolve())).get("labels") or {}
+        spec["labels"] = {**inherited, **(spec.get("labels") or {})}
+    return spec
+
+
+def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
+            dataset: str | None = None, split: str | None = None):
+    """Returns (cases written, [per-case error lines]).  ``dataset`` overrides the map's dataset name (one map can
+    serve several datasets labelled the same way); ``split`` puts every case in that split (e.g. ``test`` for a
+    held-out dataset) instead of drawing a validation fraction."""
     source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
-    spec = load_yaml(mapping_path, "map file")
+    spec = load_map(mapping_path)
+    if dataset:
+        spec["dataset"] = dataset
+    if split is not None and split not in SPLITS:
+        raise VlsegError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
     for key in ("dataset", "modality", "labels"):
         if key not in spec:
             raise VlsegError(f"{mapping_path}: missing {key!r}")
@@ -163,6 +193,7 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     declared = {v for values in local.values() for v in values}
     mask_classes = {str(k): str(v) for k, v in spec["labels"].items()}
     cases, errors = [], []
+    report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [], "errors": []}
     for case_id, image, label in tqdm(items, desc=f"converting {spec['dataset']}", disable=not progress):
         try:
             loaded = merge_masks(Path(image).parent, image_name, mask_classes, vocabulary, Path(label)) \
@@ -171,13 +202,24 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
                                     str(spec["dataset"]), modality, loaded))
         except VlsegError as exc:
             errors.append(str(exc))
-    rng = np.random.default_rng(seed)
-    n_val = int(round(val_fraction * len(cases))) if len(cases) > 1 else 0
-    for i in rng.permutation(len(cases))[:n_val]:
-        cases[i].split = "val"
+            file, sep, problem = str(exc).partition(": ")
+            report["errors"].append({"case": case_id, "file": file if sep else str(image),
+                                     "problem": problem if sep else str(exc)})
+    if split is not None:
+        for case in cases:
+            case.split = split
+    else:
+        rng = np.random.default_rng(seed)
+        n_val = int(round(val_fraction * len(cases))) if len(cases) > 1 else 0
+        for i in rng.permutation(len(cases))[:n_val]:
+            cases[i].split = "val"
     kept = [c for c in read_manifest(manifest) if c.dataset != spec["dataset"]] if manifest.is_file() else []
     if cases:
         write_manifest(manifest, kept + cases)
+    report["converted"] = [c.case_id for c in cases]
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(manifest.parent / f"convert_report_{spec['dataset']}.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     return cases, errors
 
 
@@ -188,9 +230,12 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", required=True, help="manifest to create or update")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dataset", help="dataset name (default: the map's `dataset`)")
+    parser.add_argument("--split", choices=SPLITS, help="put every case in this split (e.g. test for held-out data)")
     args = parser.parse_args(argv)
     try:
-        cases, errors = convert(args.source, args.map, args.manifest, args.val_fraction, args.seed)
+        cases, errors = convert(args.source, args.map, args.manifest, args.val_fraction, args.seed,
+                                dataset=args.dataset, split=args.split)
     except VlsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
