@@ -14,7 +14,9 @@ def row(**over) -> dict:
     out = {"schema": MANIFEST_SCHEMA, "case_id": "A_000", "dataset": "A", "modality": "CT",
            "image": "DatasetA/imagesTr/A_000_0000.nii.gz", "label": "DatasetA/labelsTr/A_000.nii.gz",
            "classes": {"liver": [1, 2], "liver tumor": [2]}, "present": {"liver": True, "liver tumor": False},
-           "shape": [40, 40, 32], "spacing": [3.0, 3.0, 2.5], "split": "train"}
+           "shape": [40, 40, 32], "spacing": [3.0, 3.0, 2.5], "split": "train",
+           "boxes": {"liver": [1, 2, 3, 10, 12, 14]}, "affine": [[3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 2.5, 0],
+                                                                 [0, 0, 0, 1]]}
     out.update(over)
     return out
 
@@ -73,7 +75,9 @@ BAD = [
     ("[1, 2]", r"expected a JSON object"),
     ({k: v for k, v in row().items() if k != "label"}, r"missing field 'label'"),
     ({k: v for k, v in row().items() if k != "schema"}, r"missing field 'schema'"),
-    (row(schema=2), r"manifest schema 2 is newer"),
+    (row(schema=3), r"manifest schema 3 is newer"),
+    ({k: v for k, v in row().items() if k != "boxes"}, r"missing field 'boxes' \(required from schema 2\)"),
+    ({k: v for k, v in row().items() if k != "affine"}, r"missing field 'affine'"),
     (row(schema="1"), r"'schema' must be a positive integer"),
     (row(split="training"), r"unknown split 'training'"),
     (row(image=""), r"'image' must be a non-empty string"),
@@ -108,3 +112,12 @@ def test_case_to_json_uses_given_root(tmp_path):
     out = case.to_json(tmp_path)
     assert out["image"] == "x/img.nii.gz" and out["label"] == "x/lab.nii.gz"
     assert out["shape"] == [8, 8, 8] and out["present"] == {"spleen": False} and out["split"] == "test"
+
+
+def test_schema_1_lines_without_boxes_or_affine_are_still_read(tmp_path):
+    old = {k: v for k, v in row(schema=1).items() if k not in ("boxes", "affine")}
+    case = read_manifest(write_rows(tmp_path / "v1.jsonl", [old]))[0]
+    assert case.boxes == {} and case.affine is None
+    assert case.to_json(tmp_path)["schema"] == 1  # no affine to write: stays schema 1
+    case.affine = np.eye(4).tolist()
+    assert case.to_json(tmp_path)["schema"] == 2 and case.to_json(tmp_path)["boxes"] == {}

@@ -1,20 +1,23 @@
 """The corpus manifest: JSON Lines, one case per line, written next to the data.
 
-Paths inside are relative to the manifest's folder.  Schema version 1::
+Paths inside are relative to the manifest's folder.  Schema version 2 (the full description, with field meanings, is
+``docs/manifest.md``)::
 
-    {"schema": 1, "case_id": "PhantomLiver_000", "dataset": "PhantomLiver", "modality": "CT",
+    {"schema": 2, "case_id": "PhantomLiver_000", "dataset": "PhantomLiver", "modality": "CT",
      "image": "Dataset001_PhantomLiver/imagesTr/PhantomLiver_000_0000.nii.gz",
      "label": "Dataset001_PhantomLiver/labelsTr/PhantomLiver_000.nii.gz",
      "classes": {"liver": [1, 2], "liver tumor": [2]},
      "present": {"liver": true, "liver tumor": false},
      "shape": [64, 64, 48], "spacing": [3.0, 3.0, 3.0], "split": "train",
-     "boxes": {"liver": [3, 20, 11, 30, 52, 40]},          # optional: per present class, on the canonical grid
-     "affine": [[3, 0, 0, -96], [0, 3, 0, -96], [0, 0, 3, -72], [0, 0, 0, 1]]}   # optional: the image's own
+     "boxes": {"liver": [3, 20, 11, 30, 52, 40]},          # per present class, on the canonical (RAS) grid
+     "affine": [[3, 0, 0, -96], [0, 3, 0, -96], [0, 0, 3, -72], [0, 0, 0, 1]]}   # the image file's own
 
 ``classes`` lists the canonical classes the case's dataset *annotates*, each mapped to the label values whose union is
 that class (the liver includes its tumours).  Masked back-propagation supervises exactly these classes, present or
 absent; a class not listed is unknown for the case, never background.  ``present`` says, per annotated class, whether
-the case's label map contains it.  Unknown extra fields are ignored, so later minor additions stay readable.
+the case's label map contains it.  ``image`` may be a file (NIfTI, NRRD, MHA) or a folder holding one DICOM series.
+Schema 1 lines (``boxes`` and ``affine`` optional) are still read; schema 2 requires both.  Unknown extra fields are
+ignored, so later minor additions stay readable.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
 SPLITS = ("train", "val", "test")
 FIELDS = ("schema", "case_id", "dataset", "modality", "image", "label", "classes", "present", "shape", "spacing",
           "split")
@@ -65,13 +68,16 @@ class Case:
         def rel(p) -> str:
             return Path(os.path.relpath(os.path.abspath(p), root)).as_posix()
 
-        return {"schema": MANIFEST_SCHEMA, "case_id": self.case_id, "dataset": self.dataset, "modality": self.modality,
+        # Schema 2 needs the image's affine; a case built without one (in memory) is written as schema 1.
+        schema = MANIFEST_SCHEMA if self.affine is not None else 1
+        return {"schema": schema, "case_id": self.case_id, "dataset": self.dataset, "modality": self.modality,
                 "image": rel(self.image), "label": rel(self.label),
                 "classes": {str(k): [int(v) for v in vals] for k, vals in self.classes.items()},
                 "present": {str(k): bool(v) for k, v in self.present.items()},
                 "shape": [int(n) for n in self.shape], "spacing": [float(s) for s in self.spacing],
                 "split": self.split,
-                **({"boxes": {k: [int(v) for v in b] for k, b in self.boxes.items()}} if self.boxes else {}),
+                **({"boxes": {k: [int(v) for v in b] for k, b in self.boxes.items()}}
+                   if self.boxes or schema >= 2 else {}),
                 **({"affine": [[float(v) for v in r] for r in self.affine]} if self.affine is not None else {})}
 
 
@@ -140,6 +146,10 @@ def _parse(line: str, where: str, root: Path) -> Case:
     if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(s) and s > 0 for s in spacing):
         raise VlsegError(f"{where}: 'spacing' must be three positive numbers, got {spacing!r}")
 
+    if schema >= 2:
+        for key in ("boxes", "affine"):
+            if key not in row:
+                raise VlsegError(f"{where}: missing field {key!r} (required from schema 2)")
     boxes = row.get("boxes") or {}
     if not isinstance(boxes, dict) or not all(
             name in classes and isinstance(b, list) and len(b) == 6 and all(_is_int(v) and v >= 0 for v in b)
