@@ -171,6 +171,9 @@ def _job(args) -> tuple[str, str | None, str | None, str]:
     """Worker entry: (case id, error file, error problem, status)."""
     case, folder, spacing, settings = args
     try:
+        from vlseg.io import canonical_modality
+
+        canonical_modality(case.modality, where=str(case.image))
         meta = _read_meta(folder)
         if meta is not None and meta.get("key") == _case_key(case, spacing, settings):
             return case.case_id, None, None, "skipped"
@@ -288,6 +291,9 @@ def _verify_job(args) -> list[dict]:
         problems.append({"case": case.case_id, "file": str(file), "problem": text})
 
     try:
+        from vlseg.io import canonical_modality
+
+        canonical_modality(case.modality, where=str(case.image))
         scan = load_scan(case.image)
         label = load_label(case.label, like=scan)
     except VlsegError as exc:
