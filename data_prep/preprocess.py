@@ -1,68 +1,87 @@
-"""Preprocess a corpus into the memory-mapped cache training reads crops from, or verify it.
+"""Preprocess a corpus into the memory-mapped cache that training reads its crops from, or verify corpus and cache.
 
-    python -m data_prep.preprocess --manifest data/real/manifest.jsonl [--config configs/real.yaml] [key=value ...]
-    python -m data_prep.preprocess --manifest data/real/manifest.jsonl --verify
+    python -m data_prep.preprocess --manifest data/real/manifest.jsonl [--config configs/real.yaml] \\
+        [--cache DIR] [--workers N] [--split train] [key=value ...]
+    python -m data_prep.preprocess --manifest data/real/manifest.jsonl --verify [--config ...]
 
-The settings (CT window, target spacing, per-dataset spacing) come from the experiment config's ``data`` section, so
-the cache matches what ``train.py`` with that config expects (training also brings the cache up to date itself).
+The settings (``data.ct_window``, ``data.target_spacing``, ``data.spacing_per_dataset``) come from the config's
+``data`` section — the same config training uses, so that the cache is the one training expects; without ``--config``
+the defaults apply, and ``key=value`` overrides work as for training (``data.target_spacing=auto``).  The cache folder
+is ``--cache``, else ``data.cache``, else ``<manifest folder>/cache``; the processes are ``--workers``, else
+``data.preprocess_workers``.
+
 Up-to-date cases are skipped; a case whose sources or settings changed is rewritten.  A case that fails is reported
-with its file and problem, the others are still cached, and the command exits 1 at the end (report:
-``<cache>/report.json``).  ``--verify`` checks every case — raw files readable and finite, label on the image grid,
-the manifest's presence flags and boxes against the label, the cache entry present, up to date and readable — and
-prints every problem before anything is trained (exit 1 if any).
+(one line: file and problem) and the others are still cached; the command then exits 1 (details in
+``<cache>/report.json``).  ``--verify`` writes nothing: it checks every case (raw image and label readable and finite,
+label on the image grid, the manifest's presence flags and boxes against the label, the cache entry present, up to
+date and loadable), prints every problem, one line each, and exits 1 if there is any, 0 otherwise.  Bad arguments or
+an unreadable manifest or config: one line ``error: <file>: <problem>``, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+
+from vlseg.data.manifest import SPLITS
 
 
 def main(argv=None) -> int:
-    from vlseg.cli import run_guarded
-
     parser = argparse.ArgumentParser(prog="python -m data_prep.preprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--config", help="experiment YAML whose data section sets the preprocessing")
+    parser.add_argument("--manifest", required=True, help="corpus manifest (JSON Lines)")
     parser.add_argument("--cache", help="cache folder (default: data.cache, else <manifest folder>/cache)")
-    parser.add_argument("--split", help="only this split (default: every case of the manifest)")
-    parser.add_argument("--workers", type=int, help="processes (default: data.preprocess_workers)")
-    parser.add_argument("--verify", action="store_true", help="check every case and the cache; write nothing")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.target_spacing=auto")
+    parser.add_argument("--config", help="experiment YAML whose data section sets the preprocessing")
+    parser.add_argument("--workers", type=int, help="processes (default: data.preprocess_workers; 0 = this one)")
+    parser.add_argument("--split", choices=SPLITS, help="only the cases of this split (default: every case)")
+    parser.add_argument("--verify", action="store_true", help="check the corpus and the cache, print every problem")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.target_spacing=auto")
     args = parser.parse_args(argv)
-    status = {"code": 0}
+    outcome = {"code": 0}
 
     def go():
         from vlseg.config import load_config
         from vlseg.data.manifest import read_manifest
-        from vlseg.data.preprocess import preprocess_corpus, verify_corpus
-        from vlseg.train import cache_dir, preprocess_settings
+        from vlseg.data.preprocess import default_cache_dir, preprocess_corpus, verify_corpus
+        from vlseg.errors import VlsegError
 
-        cfg = load_config(args.config, [f"data.manifest={args.manifest}", *args.overrides])
-        if args.cache:
-            cfg["data"]["cache"] = args.cache
+        cfg = load_config(args.config, args.overrides)
+        data = cfg["data"]
+        settings = {"ct_window": list(data["ct_window"]), "target_spacing": data["target_spacing"],
+                    "spacing_per_dataset": dict(data.get("spacing_per_dataset") or {})}
+        cache = Path(args.cache or data.get("cache") or default_cache_dir(args.manifest))
+        workers = args.workers if args.workers is not None else int(data.get("preprocess_workers", 2))
+        if workers < 0:
+            raise VlsegError(f"--workers: must be 0 or more, got {workers}")
         cases = read_manifest(args.manifest, split=args.split)
-        cache = cache_dir(cfg)
-        workers = int(args.workers if args.workers is not None else cfg["data"]["preprocess_workers"])
-        settings = preprocess_settings(cfg)
+        if not cases:
+            raise VlsegError(f"{args.manifest}: no cases" + (f" in split {args.split!r}" if args.split else ""))
+        progress = not args.no_progress
+        t0 = time.perf_counter()
+
         if args.verify:
-            problems = verify_corpus(cases, cache, settings, workers=workers, progress=not args.no_progress)
+            problems = verify_corpus(cases, cache, settings, workers=workers, progress=progress)
             for p in problems:
-                print(f"problem: {p['file']}: {p['problem']} (case {p['case']})", file=sys.stderr)
-            print(f"verified {len(cases)} case(s): {len(problems)} problem(s)")
-            status["code"] = 1 if problems else 0
+                print(f"{p['file']}: {p['problem']} (case {p['case']})")
+            bad = len({p["case"] for p in problems})
+            print(f"verified {len(cases)} case(s) against {cache}: {len(problems)} problem(s) in {bad} case(s)",
+                  file=sys.stderr)
+            outcome["code"] = 1 if problems else 0
             return
-        report = preprocess_corpus(cases, cache, settings, workers=workers, progress=not args.no_progress)
+
+        report = preprocess_corpus(cases, cache, settings, workers=workers, progress=progress)
         for e in report["errors"]:
             print(f"error: {e['file']}: {e['problem']} (case {e['case']})", file=sys.stderr)
-        print(f"{len(report['written'])} written, {len(report['skipped'])} up to date, {len(report['errors'])} failed"
-              f" — cache: {cache} (report.json inside)")
-        status["code"] = 1 if report["errors"] else 0
+        print(f"{len(report['written'])} written, {len(report['skipped'])} up to date, {len(report['errors'])} failed "
+              f"in {time.perf_counter() - t0:.1f} s; cache {cache} (report.json inside)")
+        outcome["code"] = 1 if report["errors"] else 0
 
-    code = run_guarded(go)
-    return code or status["code"]
+    from vlseg.cli import run_guarded
+
+    return run_guarded(go) or outcome["code"]
 
 
 if __name__ == "__main__":

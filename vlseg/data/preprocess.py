@@ -1,33 +1,61 @@
-"""The preprocessing cache: every training case once brought to the model's working form, stored as memory-mappable
-arrays so that a training crop reads only the voxels it needs.
+"""The preprocessing cache: each case brought once into the form the model trains on and stored as memory-mappable
+arrays, so that a training crop reads only the voxels it needs instead of a whole NIfTI.
 
-Per case (``<cache>/<dataset>/<case_id>/``):
+Layout (``<cache>`` defaults to ``<manifest folder>/cache``)::
 
-* ``image.npy`` — float16 [X, Y, Z], RAS-canonical, normalised (CT: clipped to ``ct_window`` and scaled to [-1, 1];
-  MR: percentile clipping and z-score — ``vlseg.io.normalize_intensity``), resampled to the dataset's planned spacing;
-* ``label.npy`` — the label map on the same grid (uint8, or uint16 for values above 255), nearest-neighbour resampled;
-* ``foreground.npz`` — per present class, up to 20 000 of its voxel coordinates (drawn deterministically), so a
-  foreground-centred crop needs no scan of the label;
-* ``meta.json`` — format version, the cache key, shape, spacing, the class → label values table, per present class
-  its box (``[x0, y0, z0, x1, y1, z1]``, end exclusive, on the cached grid) and voxel count.
+    <cache>/plan.json                       spacing per dataset and the settings of the last run
+    <cache>/report.json                     the last run: written / skipped case ids, errors {case, file, problem}
+    <cache>/<dataset>/<case_id>/image.npy       float16 [X, Y, Z], RAS-canonical, normalised, resampled
+    <cache>/<dataset>/<case_id>/label.npy       uint8 [X, Y, Z] (uint16 when a label value exceeds 255), same grid
+    <cache>/<dataset>/<case_id>/foreground.npz  per present class up to 20 000 voxel coordinates [N, 3]
+    <cache>/<dataset>/<case_id>/meta.json       format, key, shape, spacing, classes, boxes, voxel counts ...
 
-The key is a hash of the format version, the settings that shape the arrays (CT window, planned spacing, modality) and
-the size and modification time of every source file (all files of a DICOM series folder).  A re-run skips a case
-whose key matches and rewrites it otherwise; a case is written into a temporary folder and renamed into place, so an
-interrupted run never leaves half a case.  Case folders of cases no longer in the manifest are left alone.
+How a case is made: ``load_scan`` / ``load_label(like=scan)`` (RAS canonical, label on the image grid),
+``normalize_intensity`` (CT: ``ct_window`` clipped and scaled to [-1, 1]; MR: percentile clip and z-score), then
+``resample_to_spacing`` to the dataset's planned spacing (image linear, label nearest).  ``meta.json`` records per
+class present on the cached grid its box ``[x0, y0, z0, x1, y1, z1]`` (end exclusive) and voxel count; the
+foreground coordinates are a deterministic sample (sorted, without replacement) when a class has more voxels.
 
-Target spacing (``settings["target_spacing"]``): None keeps each case's native grid; a list of three numbers applies
-to every dataset; ``"auto"`` plans it per dataset with nnU-Net's rule (``plan_spacing``); ``spacing_per_dataset``
-overrides single datasets.
+Spacing plan (``plan_corpus``), from ``settings["target_spacing"]``:
+
+* ``None`` — every case keeps its native (canonical) spacing; the plan holds ``None`` for the dataset;
+* ``[x, y, z]`` — that spacing for every dataset;
+* ``"auto"`` — per dataset, nnU-Net's rule (``plan_spacing``) over that dataset's training-split cases among those
+  given (all its given cases when none is in the training split);
+
+``settings["spacing_per_dataset"]`` (dataset → ``[x, y, z]``) overrides single datasets; entries naming a dataset
+that has no case in the list are ignored, so one config serves every split.  The spacing recorded for a resampled
+case is the planned one (the grid has ``round(n * native / planned)`` voxels over the same field of view).
+
+Keys and idempotence: ``meta.json`` holds a SHA-256 key over the format version, the settings that shape the case
+(canonical modality, the CT window for CT, the planned spacing, the class table) and the absolute path, size and
+``mtime_ns`` of every source file (each file of a DICOM series folder; the data file beside an ``.mhd``/``.nhdr``
+header).  A run skips a case whose key matches and whose arrays are there with the recorded shape, and rewrites it
+otherwise: a changed CT window or spacing, or a touched or replaced source file, rewrites that case only.
+
+Atomicity: a case is written into a hidden temporary folder beside its final place and renamed into place (an
+existing entry is first renamed aside, then removed), so an interrupted run leaves either the old complete entry,
+the new complete entry, or no entry — never half a case.  Temporary folders left by a crashed process are removed by
+the next run that writes the same case.  Case folders of cases no longer in the manifest are left alone (another
+manifest or split may share the cache); delete the cache folder to reclaim them.
+
+Failures: a case whose files cannot be read (``VlsegError``: missing file, NaN voxels, label on another grid, ...) is
+recorded in the report with its file and problem; the other cases are still processed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import re
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+import tempfile
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,30 +66,30 @@ from vlseg.atomic import atomic_path
 from vlseg.data.manifest import Case, bounding_boxes
 from vlseg.errors import VlsegError
 
-FORMAT_VERSION = 1
-MAX_FOREGROUND = 20_000
-ANISOTROPY = 3.0  # nnU-Net: a dataset is anisotropic when its coarsest median spacing exceeds 3x its finest
+__all__ = ["FORMAT_VERSION", "MAX_FOREGROUND", "CachedCase", "default_cache_dir", "case_dir", "plan_spacing",
+           "plan_corpus", "preprocess_corpus", "verify_corpus", "open_cache"]
+
+FORMAT_VERSION = 2
+MAX_FOREGROUND = 20_000  # foreground coordinates kept per class
+ANISOTROPY = 3.0  # nnU-Net: anisotropic when the coarsest median spacing exceeds 3x the finest
+COARSE_PERCENTILE = 10.0
+RERUN = "run python -m data_prep.preprocess --manifest <manifest> (with the training config) to bring it up to date"
 
 
-def default_cache_dir(manifest) -> Path:
-    return Path(manifest).resolve().parent / "cache"
+def default_cache_dir(manifest_path) -> Path:
+    """``<manifest folder>/cache``."""
+    return Path(manifest_path).expanduser().absolute().parent / "cache"
 
 
-def plan_spacing(spacings) -> tuple[float, float, float]:
-    """nnU-Net's target-spacing rule: the per-axis median of the cases' spacings; for an anisotropic dataset (coarsest
-    median > 3 × finest) the coarse axis takes the 10th percentile instead, so thick-slice outliers do not dictate
-    an even coarser grid."""
-    arr = np.asarray([tuple(map(float, s)) for s in spacings], dtype=float)
-    if arr.ndim != 2 or arr.shape[1] != 3 or not len(arr):
-        raise VlsegError(f"plan_spacing: expected a list of (x, y, z) spacings, got shape {arr.shape}")
-    target = np.median(arr, axis=0)
-    coarse = int(np.argmax(target))
-    if target[coarse] > ANISOTROPY * target.min():
-        target[coarse] = np.percentile(arr[:, coarse], 10)
-    return tuple(float(v) for v in target)
+def case_dir(cache_dir, case: Case) -> Path:
+    """Where a case lives in the cache: ``<cache>/<dataset>/<case_id>``."""
+    return Path(cache_dir) / case.dataset / case.case_id
 
 
-def _triple(value, what: str) -> list[float]:
+# ------------------------------------------------------------------------------------------------------------ plans
+
+
+def _spacing_triple(value, what: str) -> list[float]:
     try:
         out = [float(v) for v in value]
     except (TypeError, ValueError):
@@ -71,265 +99,587 @@ def _triple(value, what: str) -> list[float]:
     return out
 
 
+def plan_spacing(spacings: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """nnU-Net's target spacing for one dataset.
+
+    The per-axis median of the cases' spacings.  When the dataset is anisotropic — the largest of the three medians
+    is more than ``ANISOTROPY`` (3) times the smallest — the coarse axis (the one with the largest median) takes the
+    10th percentile of its spacings instead of the median: a finer grid along that axis, so that the cases with thin
+    slices do not lose most of their resolution there to the thick-slice majority (nnU-Net's rationale).  Example:
+    medians (0.7, 0.7, 5.0) are anisotropic (5.0 / 0.7 > 3), so z becomes the 10th percentile of the z spacings.
+    """
+    rows = [_spacing_triple(s, "plan_spacing: each spacing") for s in spacings]
+    if not rows:
+        raise VlsegError("plan_spacing: no spacings to plan from (no cases)")
+    arr = np.asarray(rows, dtype=np.float64)
+    target = np.median(arr, axis=0)
+    if target.max() / target.min() > ANISOTROPY:
+        coarse = int(np.argmax(target))
+        target[coarse] = np.percentile(arr[:, coarse], COARSE_PERCENTILE)
+    return tuple(float(v) for v in target)
+
+
+def _check_settings(settings: dict) -> None:
+    from vlseg.io import intensity_window
+
+    if not isinstance(settings, dict):
+        raise VlsegError(f"preprocessing settings must be a mapping, got {type(settings).__name__}")
+    intensity_window(settings.get("ct_window", (-200.0, 300.0)), "data.ct_window")
+    per_dataset = settings.get("spacing_per_dataset") or {}
+    if not isinstance(per_dataset, dict):
+        raise VlsegError(f"data.spacing_per_dataset must map dataset names to [x, y, z], got {per_dataset!r}")
+    for name, value in per_dataset.items():
+        _spacing_triple(value, f"data.spacing_per_dataset.{name}")
+
+
 def plan_corpus(cases: list[Case], settings: dict) -> dict[str, list[float] | None]:
-    """Dataset → the spacing its cases are cached at (None: each case's native spacing)."""
+    """Dataset → the spacing its cases are cached at, ``None`` meaning each case's own native spacing.
+
+    See the module docstring for ``target_spacing`` (None / [x, y, z] / "auto") and ``spacing_per_dataset``."""
+    _check_settings(settings)
     target = settings.get("target_spacing")
     per_dataset = settings.get("spacing_per_dataset") or {}
-    datasets = sorted({c.dataset for c in cases})
-    unknown = sorted(set(per_dataset) - set(datasets))
-    if unknown:
-        raise VlsegError(f"data.spacing_per_dataset: {unknown[0]!r} is not a dataset of the corpus "
-                         f"({', '.join(datasets)})")
+    if isinstance(target, str) and target.strip().lower() != "auto":
+        raise VlsegError(f"data.target_spacing must be null, \"auto\" or three numbers (mm), got {target!r}")
+    fixed = None if target is None or isinstance(target, str) else _spacing_triple(target, "data.target_spacing")
     plan: dict[str, list[float] | None] = {}
-    for ds in datasets:
-        if ds in per_dataset:
-            plan[ds] = _triple(per_dataset[ds], f"data.spacing_per_dataset.{ds}")
+    for dataset in sorted({c.dataset for c in cases}):
+        if dataset in per_dataset:
+            plan[dataset] = _spacing_triple(per_dataset[dataset], f"data.spacing_per_dataset.{dataset}")
         elif target is None:
-            plan[ds] = None
-        elif isinstance(target, str):
-            if target != "auto":
-                raise VlsegError(f"data.target_spacing must be null, 'auto' or three numbers, got {target!r}")
-            plan[ds] = list(plan_spacing([c.spacing for c in cases if c.dataset == ds]))
+            plan[dataset] = None
+        elif fixed is not None:
+            plan[dataset] = list(fixed)
         else:
-            plan[ds] = _triple(target, "data.target_spacing")
+            mine = [c for c in cases if c.dataset == dataset]
+            train = [c for c in mine if c.split == "train"]
+            plan[dataset] = list(plan_spacing([c.spacing for c in (train or mine)]))
     return plan
 
 
+def _relevant_settings(case: Case, spacing) -> dict:
+    """What shapes a case's cached arrays and meta, besides its source files."""
+    from vlseg.io import canonical_modality
+
+    modality = canonical_modality(case.modality, where=str(case.image))
+    return {"modality": modality, "spacing": None if spacing is None else [float(v) for v in spacing],
+            "classes": {str(k): [int(v) for v in vals] for k, vals in sorted(case.classes.items())}}
+
+
+# -------------------------------------------------------------------------------------------------------------- keys
+
+
 def _source_files(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    """The files whose content makes up ``path``: itself, every file of a DICOM folder, or a header's data file."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.is_file())
+    if not path.exists():
+        raise VlsegError(f"{path}: file not found")
+    files = [path]
+    if path.suffix.lower() in (".mhd", ".nhdr"):  # detached headers: the voxel data lies in a sibling file
+        files += sorted(p for p in path.parent.glob(f"{path.stem}.*") if p != path and p.is_file())
+    return files
 
 
-def _case_key(case: Case, spacing, settings: dict) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "modality": case.modality, "spacing": spacing,
-                         "ct_window": [float(v) for v in settings["ct_window"]] if case.modality == "CT" else None,
-                         "classes": case.classes}, sort_keys=True).encode())
-    for source in (Path(case.image), Path(case.label)):
-        if not source.exists():
-            raise VlsegError(f"{source}: file not found")
-        for f in _source_files(source):
-            st = f.stat()
-            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+def case_key(case: Case, spacing, settings: dict) -> str:
+    """The cache key of ``case`` at ``spacing`` under ``settings`` (see the module docstring)."""
+    from vlseg.io import intensity_window
+
+    relevant = _relevant_settings(case, spacing)
+    if relevant["modality"] == "CT":
+        relevant["ct_window"] = list(intensity_window(settings.get("ct_window", (-200.0, 300.0)), "data.ct_window"))
+    sources = []
+    for role, path in (("image", case.image), ("label", case.label)):
+        for f in _source_files(Path(path)):
+            try:
+                st = f.stat()
+            except OSError as exc:
+                raise VlsegError(f"{f}: cannot read ({exc.strerror or exc})") from None
+            sources.append([role, os.path.abspath(f), int(st.st_size), int(st.st_mtime_ns)])
+    text = json.dumps({"format": FORMAT_VERSION, "settings": relevant, "sources": sources}, sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def case_dir(cache_dir, case: Case) -> Path:
-    return Path(cache_dir) / case.dataset / case.case_id
+# ------------------------------------------------------------------------------------------------------ one case
 
 
 def _read_meta(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
-def process_case(case: Case, folder: Path, spacing, settings: dict) -> dict:
-    """Read, normalise, resample and write one case; returns its meta."""
+def _array_header(path: Path):
+    """(shape, dtype) of an .npy file, mapped but not read; None when missing or unreadable."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    return tuple(int(n) for n in arr.shape), arr.dtype
+
+
+def _entry_complete(folder: Path, meta: dict) -> bool:
+    """The entry's files are there with the shapes and dtypes its meta records (headers only; cheap)."""
+    try:
+        shape = tuple(int(n) for n in meta["shape"])
+        label_dtype = np.dtype(meta["label_dtype"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return (_array_header(folder / "image.npy") == (shape, np.dtype(np.float16))
+            and _array_header(folder / "label.npy") == (shape, label_dtype)
+            and (folder / "foreground.npz").is_file())
+
+
+def _class_stats(label: np.ndarray, classes: dict[str, list[int]], case_id: str):
+    """Per class present in ``label``: box (end exclusive), voxel count and up to MAX_FOREGROUND coordinates."""
+    from scipy import ndimage
+
+    top = int(label.max()) if label.size else 0
+    counts = np.bincount(label.ravel(), minlength=top + 1) if top else np.zeros(1, np.int64)
+    slices = ndimage.find_objects(label) if top else []  # slices[v - 1]: bounding slices of value v
+    coord_dtype = np.int16 if max(label.shape) <= np.iinfo(np.int16).max else np.int32
+    boxes, voxels, foreground = {}, {}, {}
+    for name, values in classes.items():
+        vals = [int(v) for v in values if 0 < int(v) <= top and counts[int(v)]]
+        if not vals:
+            continue
+        lo = np.min([[s.start for s in slices[v - 1]] for v in vals], axis=0)
+        hi = np.max([[s.stop for s in slices[v - 1]] for v in vals], axis=0)
+        box = [*map(int, lo), *map(int, hi)]
+        region = label[box[0]:box[3], box[1]:box[4], box[2]:box[5]]
+        flat = np.flatnonzero(np.isin(region, vals))
+        n = int(flat.size)
+        if n > MAX_FOREGROUND:
+            rng = np.random.default_rng(zlib.crc32(f"{case_id}\0{name}".encode("utf-8")))
+            flat = flat[np.sort(rng.choice(n, MAX_FOREGROUND, replace=False))]
+        coords = np.stack(np.unravel_index(flat, region.shape), axis=1) + np.asarray(lo)
+        boxes[name], voxels[name], foreground[name] = box, n, coords.astype(coord_dtype)
+    return boxes, voxels, foreground
+
+
+def compute_case(case: Case, spacing, settings: dict):
+    """The cached form of one case, in memory: (float16 image, label, meta without key).  Raises VlsegError."""
     from vlseg.io import load_label, load_scan, normalize_intensity, resample_to_spacing
 
-    key = _case_key(case, spacing, settings)
+    relevant = _relevant_settings(case, spacing)
     scan = load_scan(case.image)
     label = load_label(case.label, like=scan)
-    image = normalize_intensity(scan.data, case.modality, tuple(settings["ct_window"]))
-    out_spacing = list(scan.spacing)
+    image = normalize_intensity(scan.data, relevant["modality"], tuple(settings.get("ct_window", (-200.0, 300.0))))
     if spacing is not None:
         image = resample_to_spacing(image, scan.spacing, spacing, order=1)
         label = resample_to_spacing(label, scan.spacing, spacing, order=0)
-        out_spacing = [float(s) for s in spacing]
-    top = int(label.max()) if label.size else 0
-    label = label.astype(np.uint8 if top <= 255 else np.uint16)
-    boxes = bounding_boxes(label, case.classes)
-    rng = np.random.default_rng(0)
-    foreground, counts = {}, {}
-    for name in boxes:
-        x0, y0, z0, x1, y1, z1 = boxes[name]
-        where = np.argwhere(np.isin(label[x0:x1, y0:y1, z0:z1], case.classes[name])) + [x0, y0, z0]
-        counts[name] = int(len(where))
-        if len(where) > MAX_FOREGROUND:
-            where = where[np.sort(rng.choice(len(where), MAX_FOREGROUND, replace=False))]
-        foreground[name] = where.astype(np.int32)
-    meta = {"format": FORMAT_VERSION, "key": key, "case_id": case.case_id, "dataset": case.dataset,
-            "shape": [int(n) for n in image.shape], "spacing": out_spacing, "classes": case.classes,
-            "boxes": boxes, "voxels": counts, "label_dtype": str(label.dtype)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    np.save(tmp / "image.npy", image.astype(np.float16))
-    np.save(tmp / "label.npy", label)
-    np.savez(tmp / "foreground.npz", **{f"c{i}": foreground[n] for i, n in enumerate(boxes)})
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return meta
+        out_spacing = [float(v) for v in spacing]
+    else:
+        out_spacing = [float(v) for v in scan.spacing]
+    lo, hi = (int(label.min()), int(label.max())) if label.size else (0, 0)
+    if lo < 0 or hi > np.iinfo(np.uint16).max:
+        raise VlsegError(f"{case.label}: label values must lie in 0..65535, found {lo}..{hi}")
+    label = label.astype(np.uint8 if hi <= 255 else np.uint16)
+    image16 = image.astype(np.float16)
+    if not np.all(np.isfinite(image16)):
+        raise VlsegError(f"{case.image}: normalised intensities overflow float16 (max |value| "
+                         f"{float(np.abs(image).max()):.4g})")
+    boxes, voxels, foreground = _class_stats(label, case.classes, case.case_id)
+    meta = {"format": FORMAT_VERSION, "case_id": case.case_id, "dataset": case.dataset,
+            "modality": relevant["modality"], "shape": [int(n) for n in image16.shape], "spacing": out_spacing,
+            "native_spacing": [float(v) for v in scan.spacing], "label_dtype": label.dtype.name,
+            "image_min": float(image16.min()), "classes": relevant["classes"], "boxes": boxes, "voxels": voxels,
+            "foreground": {name: f"c{i}" for i, name in enumerate(foreground)},
+            "image": str(case.image), "label": str(case.label)}
+    return image16, label, foreground, meta
 
 
-def _job(args) -> tuple[str, str | None, str | None, str]:
-    """Worker entry: (case id, error file, error problem, status)."""
-    case, folder, spacing, settings = args
+def _pid_alive(pid: int) -> bool:
     try:
-        from vlseg.io import canonical_modality
-
-        canonical_modality(case.modality, where=str(case.image))
-        meta = _read_meta(folder)
-        if meta is not None and meta.get("key") == _case_key(case, spacing, settings):
-            return case.case_id, None, None, "skipped"
-        process_case(case, folder, spacing, settings)
-        return case.case_id, None, None, "written"
-    except VlsegError as exc:
-        text = str(exc)
-        file, sep, problem = text.partition(": ")
-        return case.case_id, file if sep else str(case.image), problem if sep else text, "error"
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
-def _run(fn, jobs, workers: int, desc: str, progress: bool):
-    """``fn`` over ``jobs`` in order, in ``workers`` processes (≤ 1: in this process), with a progress bar."""
-    if workers <= 1 or len(jobs) <= 1:
-        yield from tqdm(map(fn, jobs), total=len(jobs), desc=desc, disable=not progress, unit="case")
+def _remove_leftovers(parent: Path, case_id: str) -> None:
+    """Temporary folders of this case left behind by a process that no longer runs."""
+    if not parent.is_dir():
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        yield from tqdm(pool.map(fn, jobs), total=len(jobs), desc=desc, disable=not progress, unit="case")
+    pattern = re.compile(rf"\.{re.escape(case_id)}\.tmp(\d+)-(old-)?[a-z0-9_]+")
+    for p in parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and (int(m.group(1)) == os.getpid() or not _pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_case(folder: Path, image16, label, foreground, meta: dict) -> None:
+    """Write the entry into a temporary folder beside ``folder`` and rename it into place."""
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(parent, folder.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp{os.getpid()}-", dir=parent))
+    try:
+        np.save(tmp / "image.npy", image16)
+        np.save(tmp / "label.npy", label)
+        np.savez(tmp / "foreground.npz", **{meta["foreground"][name]: arr for name, arr in foreground.items()})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")  # last: marks it complete
+        os.chmod(tmp, 0o777 & ~_umask())
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp{os.getpid()}-old-", dir=parent))
+            os.replace(folder, old)  # onto the empty folder just made
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _split_error(exc: VlsegError, default_file) -> tuple[str, str]:
+    """A "<file>: <problem>" message → (file, problem)."""
+    text = str(exc)
+    file, sep, problem = text.partition(": ")
+    return (file, problem) if sep and file else (str(default_file), text)
+
+
+def _up_to_date(case: Case, folder: Path, spacing, settings: dict) -> tuple[bool, str]:
+    """(whether the entry is current, the case's key).  Raises VlsegError for a missing source."""
+    key = case_key(case, spacing, settings)
+    meta = _read_meta(folder)
+    return meta is not None and meta.get("key") == key and _entry_complete(folder, meta), key
+
+
+def _preprocess_job(args) -> dict:
+    """Worker: bring one case up to date.  → {"case", "status": written|skipped|error, ["file", "problem"]}."""
+    case, folder, spacing, settings = args
+    folder = Path(folder)
+    try:
+        current, key = _up_to_date(case, folder, spacing, settings)
+        if current:
+            return {"case": case.case_id, "status": "skipped"}
+        image16, label, foreground, meta = compute_case(case, spacing, settings)
+        meta["key"] = key
+        try:
+            _write_case(folder, image16, label, foreground, meta)
+        except OSError as exc:
+            raise VlsegError(f"{folder}: cannot write the cache entry ({exc.strerror or exc})") from None
+        return {"case": case.case_id, "status": "written"}
+    except VlsegError as exc:
+        file, problem = _split_error(exc, case.image)
+        return {"case": case.case_id, "status": "error", "file": file, "problem": problem}
+
+
+# ---------------------------------------------------------------------------------------------------- parallelism
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def _mp_context():
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # no effect once the server runs; then workers import it themselves
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+def _run_jobs(fn, jobs: list, workers: int, desc: str, progress: bool) -> list:
+    """``fn`` over ``jobs``, results in job order; ``workers`` processes (0 or 1: in this process), progress bar.
+
+    Workers are not forked from this process: a fork of a process whose OpenMP/torch thread pools have run can hang
+    in the child.  They come from multiprocessing's fork server, which imports this module (and torch) once, so that
+    starting workers costs ~1.5 s the first time in a process and almost nothing afterwards; where there is no fork
+    server (Windows) they are spawned."""
+    workers = int(workers)
+    if workers < 0:
+        raise VlsegError(f"workers must be 0 or more, got {workers}")
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            results = []
+            for job in jobs:
+                results.append(fn(job))
+                bar.update(1)
+            return results
+        workers = min(workers, len(jobs))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        results = [None] * len(jobs)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context(),
+                                 initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
+            try:
+                for fut in as_completed(futures):
+                    results[futures[fut]] = fut.result()
+                    bar.update(1)
+            except BrokenProcessPool:
+                case = jobs[next((i for f, i in futures.items() if not f.done() or f.exception() is not None), 0)][0]
+                raise VlsegError(f"{case.image}: a {desc} worker process ended abruptly on this or another case "
+                                 f"(out of memory? see any messages above); retry with fewer workers or "
+                                 f"workers=0") from None
+        return results
+    finally:
+        bar.close()
+
+
+def _jobs(cases: list[Case], cache_dir: Path, settings: dict) -> tuple[dict, list]:
+    ids = {}
+    for c in cases:
+        if c.case_id in ids:
+            raise VlsegError(f"{c.case_id}: duplicate case id in the case list")
+        ids[c.case_id] = c
+    plan = plan_corpus(cases, settings)
+    return plan, [(c, case_dir(cache_dir, c), plan[c.dataset], settings) for c in cases]
+
+
+def _settings_record(settings: dict) -> dict:
+    return {"ct_window": [float(v) for v in settings.get("ct_window", (-200.0, 300.0))],
+            "target_spacing": settings.get("target_spacing"),
+            "spacing_per_dataset": {str(k): [float(v) for v in s]
+                                    for k, s in (settings.get("spacing_per_dataset") or {}).items()}}
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 def preprocess_corpus(cases: list[Case], cache_dir, settings: dict, workers: int = 2, progress: bool = True) -> dict:
-    """Bring every case into the cache (up-to-date cases are skipped).  Returns and writes ``report.json``:
-    ``{"written": [...], "skipped": [...], "errors": [{"case", "file", "problem"}]}`` — a failing case never stops
-    the others."""
+    """Bring every case's cache entry up to date; returns the report (also written to ``<cache>/report.json``)::
+
+        {"written": [case ids], "skipped": [case ids], "errors": [{"case", "file", "problem"}], "seconds": float}
+
+    A failing case never stops the others.  ``workers`` processes (0 or 1: this process)."""
+    t0 = time.perf_counter()
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan_corpus(cases, settings)
-    jobs = [(c, case_dir(cache_dir, c), plan[c.dataset], settings) for c in cases]
+    plan, jobs = _jobs(cases, cache_dir, settings)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VlsegError(f"{cache_dir}: cannot create the cache folder ({exc.strerror or exc})") from None
+    # Up-to-date entries are recognised here (file stats and .npy headers only), so a run with nothing to do
+    # starts no worker process; the workers recheck before they write.
+    results: list = [None] * len(jobs)
+    todo = []
+    for i, (case, folder, spacing, _) in enumerate(jobs):
+        try:
+            if _up_to_date(case, folder, spacing, settings)[0]:
+                results[i] = {"case": case.case_id, "status": "skipped"}
+                continue
+        except VlsegError:
+            pass  # the job reports it
+        todo.append(i)
+    for i, r in zip(todo, _run_jobs(_preprocess_job, [jobs[i] for i in todo], workers, "preprocessing", progress)):
+        results[i] = r
     report = {"written": [], "skipped": [], "errors": []}
-    for case_id, file, problem, status in _run(_job, jobs, int(workers), "preprocessing", progress):
-        if status == "error":
-            report["errors"].append({"case": case_id, "file": file, "problem": problem})
+    for r in results:
+        if r["status"] == "error":
+            report["errors"].append({"case": r["case"], "file": r["file"], "problem": r["problem"]})
         else:
-            report[status].append(case_id)
-    with atomic_path(cache_dir / "plan.json") as tmp:
-        tmp.write_text(json.dumps({"format": FORMAT_VERSION, "spacing": plan, "settings": settings}, indent=2))
-    with atomic_path(cache_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
+            report[r["status"]].append(r["case"])
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    _write_json(cache_dir / "plan.json", {"format": FORMAT_VERSION, "spacing": plan,
+                                          "settings": _settings_record(settings)})
+    _write_json(cache_dir / "report.json", report)
     return report
+
+
+# ---------------------------------------------------------------------------------------------------- verification
+
+
+def _verify_job(args) -> list[dict]:
+    """Worker: every problem of one case (raw files against the manifest, then its cache entry)."""
+    from vlseg.io import canonical_modality, load_label, load_scan
+
+    case, folder, spacing, settings = args
+    folder = Path(folder)
+    problems: list[dict] = []
+
+    def add(file, problem):
+        problems.append({"case": case.case_id, "file": str(file), "problem": problem})
+
+    def attempt(fn, default_file):
+        try:
+            return fn()
+        except VlsegError as exc:
+            add(*_split_error(exc, default_file))
+            return None
+
+    attempt(lambda: canonical_modality(case.modality, where=str(case.image)), case.image)
+    scan = attempt(lambda: load_scan(case.image), case.image)
+    if scan is not None:
+        if tuple(scan.original_shape) != tuple(case.shape):
+            add(case.image, f"shape {list(scan.original_shape)} differs from the manifest's {list(case.shape)}")
+        if not np.allclose(scan.spacing, case.spacing, rtol=1e-3, atol=1e-4):
+            add(case.image, f"spacing {[round(s, 4) for s in scan.spacing]} differs from the manifest's "
+                            f"{list(case.spacing)}")
+        if case.affine is not None and not np.allclose(scan.original_affine, np.asarray(case.affine), atol=1e-3):
+            add(case.image, "affine differs from the manifest's (the image was replaced; convert it again)")
+        label = attempt(lambda: load_label(case.label, like=scan), case.label)
+    else:  # the label can still be checked on its own
+        label = attempt(lambda: load_label(case.label), case.label)
+
+    if label is not None:
+        actual = bounding_boxes(label, case.classes)
+        for name in case.classes:
+            found, said = name in actual, bool(case.present.get(name))
+            if found != said:
+                add(case.label, f"manifest says {name!r} is {'present' if said else 'absent'}, the label "
+                                f"{'contains' if found else 'does not contain'} it")
+        if case.boxes or case.affine is not None:  # schema 2 always lists the boxes of the present classes
+            for name in sorted(set(actual) | set(case.boxes)):
+                if case.boxes.get(name) != actual.get(name):
+                    add(case.label, f"manifest box of {name!r} is {case.boxes.get(name)}, the label gives "
+                                    f"{actual.get(name)}")
+
+    meta = _read_meta(folder)
+    if meta is None:
+        add(folder, "not in the preprocessing cache (run python -m data_prep.preprocess)")
+        return problems
+    try:
+        key = case_key(case, spacing, settings)
+    except VlsegError:
+        key = None  # a source is missing: already reported above
+    if key is not None and meta.get("key") != key:
+        add(folder / "meta.json", "cache entry is out of date (its sources or the settings changed; "
+                                  "run python -m data_prep.preprocess)")
+    shape = meta.get("shape")
+    for name, dtype in (("image.npy", "float16"), ("label.npy", meta.get("label_dtype"))):
+        path = folder / name
+        if not path.is_file():
+            add(path, "missing from the cache entry (run python -m data_prep.preprocess)")
+            continue
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            add(path, f"unreadable cached array ({_first_line(exc)})")
+            continue
+        if list(arr.shape) != shape or arr.dtype.name != dtype:
+            add(path, f"cached array is {arr.dtype.name} {list(arr.shape)}, expected {dtype} {shape}")
+        elif name == "image.npy" and not np.all(np.isfinite(arr)):
+            add(path, "cached image has NaN or infinite values")
+    path = folder / "foreground.npz"
+    try:
+        with np.load(path) as fg:
+            missing = [n for n, k in (meta.get("foreground") or {}).items() if k not in fg.files]
+        if missing:
+            add(path, f"no foreground coordinates for {missing[0]!r}")
+    except FileNotFoundError:
+        add(path, "missing from the cache entry (run python -m data_prep.preprocess)")
+    except (OSError, ValueError) as exc:
+        add(path, f"unreadable ({_first_line(exc)})")
+    return problems
+
+
+def verify_corpus(cases: list[Case], cache_dir, settings: dict, workers: int = 2, progress: bool = True) -> list[dict]:
+    """Check every case and return every problem found, each ``{"case", "file", "problem"}`` (empty: all good).
+
+    Per case: the raw image and label readable and finite, the label on the image grid, the image's shape, spacing
+    and affine as the manifest says, the manifest's ``present`` flags and ``boxes`` (native canonical grid) against
+    the label, and the cache entry present, up to date and loadable with the recorded shapes and dtypes."""
+    cache_dir = Path(cache_dir)
+    _, jobs = _jobs(cases, cache_dir, settings)
+    found = _run_jobs(_verify_job, jobs, workers, "verifying", progress)
+    return [p for problems in found for p in problems]
+
+
+# -------------------------------------------------------------------------------------------------------- reading
 
 
 @dataclass
 class CachedCase:
-    """One cached case, opened as memory maps: reading a crop touches only that region's pages."""
+    """One case opened from the cache: the arrays are memory maps, so a crop reads only its region's pages."""
 
     case: Case
-    image: np.ndarray  # float16 [X, Y, Z] memmap
-    label: np.ndarray  # uint8/uint16 [X, Y, Z] memmap
+    image: np.ndarray = field(repr=False)  # float16 [X, Y, Z] memmap
+    label: np.ndarray = field(repr=False)  # uint8 / uint16 [X, Y, Z] memmap
     spacing: tuple[float, float, float]
-    boxes: dict[str, list[int]]
-    foreground: dict[str, np.ndarray] = field(repr=False)
-    voxels: dict[str, int] = field(default_factory=dict)
-    fill: float = -1.0  # padding value for the image outside the volume
+    boxes: dict[str, list[int]]  # present class → [x0, y0, z0, x1, y1, z1] on the cached grid, end exclusive
+    foreground: dict[str, np.ndarray] = field(repr=False)  # present class → voxel coordinates [N, 3]
+    shape: tuple[int, int, int] = ()
+    voxels: dict[str, int] = field(default_factory=dict)  # present class → voxel count
+    fill: float = -1.0  # the image's minimum: padding outside the volume
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.image.shape)
+    def __post_init__(self):
+        if not self.shape:
+            self.shape = tuple(int(n) for n in self.image.shape)
 
     def crop(self, starts, size) -> tuple[np.ndarray, np.ndarray]:
-        """The region ``[starts, starts + size)`` as (float32 image, label); outside the volume the image is padded
-        with its minimum and the label with 0."""
+        """The region ``[starts, starts + size)`` as (float32 image, label), read from the memory maps; where it
+        leaves the volume the image is padded with its minimum and the label with 0."""
+        size = tuple(int(s) for s in size)
+        starts = tuple(int(s) for s in starts)
+        if len(size) != 3 or len(starts) != 3 or min(size) < 1:
+            raise VlsegError(f"crop: need 3 starts and 3 positive sizes, got starts {list(starts)}, size {list(size)}")
+        image = np.full(size, self.fill, dtype=np.float32)
+        label = np.zeros(size, dtype=self.label.dtype)
         src, dst = [], []
-        for st, s, n in zip(starts, size, self.image.shape):
-            lo, hi = max(int(st), 0), min(int(st) + int(s), n)
-            src.append(slice(lo, max(lo, hi)))
-            dst.append(slice(lo - int(st), lo - int(st) + max(0, hi - lo)))
-        image = np.full(tuple(int(s) for s in size), self.fill, np.float32)
-        label = np.zeros(tuple(int(s) for s in size), self.label.dtype)
+        for st, n, total in zip(starts, size, self.shape):
+            lo, hi = max(st, 0), min(st + n, total)
+            if hi <= lo:
+                return image, label  # entirely outside
+            src.append(slice(lo, hi))
+            dst.append(slice(lo - st, hi - st))
         image[tuple(dst)] = self.image[tuple(src)]
         label[tuple(dst)] = self.label[tuple(src)]
         return image, label
 
     def class_mask(self, label_region: np.ndarray, name: str) -> np.ndarray:
-        return np.isin(label_region, self.case.classes[name])
+        """Boolean mask of class ``name`` (the union of its label values, ``case.classes[name]``)."""
+        return self.case.class_mask(label_region, name)
 
 
-def _open(case: Case, folder: Path) -> CachedCase:
-    meta = _read_meta(folder)
-    with np.load(folder / "foreground.npz") as fg:
-        foreground = {name: fg[f"c{i}"] for i, name in enumerate(meta["boxes"])}
-    image = np.load(folder / "image.npy", mmap_mode="r")
-    label = np.load(folder / "label.npy", mmap_mode="r")
-    if list(image.shape) != meta["shape"] or list(label.shape) != meta["shape"]:
-        raise VlsegError(f"{folder}: cached arrays do not have the recorded shape {meta['shape']}")
-    fill = -1.0 if case.modality == "CT" else float(np.min(image[:: max(1, image.shape[0] // 16)]))
-    return CachedCase(case, image, label, tuple(meta["spacing"]), meta["boxes"], foreground,
-                      meta.get("voxels", {}), fill)
+def _open_entry(case: Case, folder: Path, meta: dict) -> CachedCase:
+    try:
+        image = np.load(folder / "image.npy", mmap_mode="r")
+        label = np.load(folder / "label.npy", mmap_mode="r")
+        with np.load(folder / "foreground.npz") as fg:
+            foreground = {name: fg[key] for name, key in meta["foreground"].items()}
+        shape = tuple(int(n) for n in meta["shape"])
+        spacing = tuple(float(v) for v in meta["spacing"])
+        boxes = {str(k): [int(v) for v in b] for k, b in meta["boxes"].items()}
+        voxels = {str(k): int(v) for k, v in meta.get("voxels", {}).items()}
+        fill = float(meta["image_min"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VlsegError(f"{folder}: unreadable cache entry ({_first_line(exc)}); delete this folder and "
+                         f"{RERUN}") from None
+    if image.shape != shape or label.shape != shape or image.dtype != np.float16:
+        raise VlsegError(f"{folder}: cached arrays ({image.dtype} {list(image.shape)}, {label.dtype} "
+                         f"{list(label.shape)}) do not match the recorded float16 {list(shape)}; {RERUN}")
+    return CachedCase(case=case, image=image, label=label, spacing=spacing, boxes=boxes, foreground=foreground,
+                      shape=shape, voxels=voxels, fill=fill)
 
 
 def open_cache(cases: list[Case], cache_dir, settings: dict) -> list[CachedCase]:
-    """Open every case's cache entry; a missing or stale entry is one error naming the first and the count."""
-    plan = plan_corpus(cases, settings)
-    stale = []
-    for c in cases:
-        meta = _read_meta(case_dir(cache_dir, c))
-        if meta is None or meta.get("key") != _case_key(c, plan[c.dataset], settings):
-            stale.append(c)
+    """Open every case's cache entry (memory maps), in the order of ``cases``.
+
+    If any entry is missing or out of date (key or files), raises one VlsegError naming the first such case and how
+    many there are, telling the user to run ``python -m data_prep.preprocess``."""
+    cache_dir = Path(cache_dir)
+    _, jobs = _jobs(cases, cache_dir, settings)
+    stale, metas = [], []
+    for case, folder, spacing, _ in jobs:
+        meta = _read_meta(folder)
+        if meta is None or meta.get("key") != case_key(case, spacing, settings) or not _entry_complete(folder, meta):
+            stale.append((case, folder, "missing" if meta is None else "out of date"))
+        metas.append(meta)
     if stale:
-        raise VlsegError(f"{case_dir(cache_dir, stale[0])}: preprocessing cache missing or out of date for case "
-                         f"{stale[0].case_id!r} ({len(stale)} of {len(cases)} cases); run python -m "
-                         f"data_prep.preprocess --manifest <manifest> (training does this itself)")
-    try:
-        return [_open(c, case_dir(cache_dir, c)) for c in cases]
-    except (OSError, ValueError, KeyError) as exc:
-        raise VlsegError(f"{cache_dir}: unreadable cache entry ({exc}); delete it and preprocess again") from None
-
-
-def _verify_job(args) -> list[dict]:
-    case, folder, spacing, settings = args
-    from vlseg.io import load_label, load_scan
-
-    problems = []
-
-    def problem(file, text):
-        problems.append({"case": case.case_id, "file": str(file), "problem": text})
-
-    try:
-        from vlseg.io import canonical_modality
-
-        canonical_modality(case.modality, where=str(case.image))
-        scan = load_scan(case.image)
-        label = load_label(case.label, like=scan)
-    except VlsegError as exc:
-        file, sep, text = str(exc).partition(": ")
-        problem(file if sep else case.image, text if sep else str(exc))
-        return problems
-    for name, values in case.classes.items():
-        found = bool(np.isin(label, values).any())
-        if found != case.present.get(name):
-            problem(case.label, f"manifest says {name!r} is {'present' if case.present.get(name) else 'absent'}, "
-                                f"the label says {'present' if found else 'absent'}")
-    if case.boxes:
-        actual = bounding_boxes(label, {n: case.classes[n] for n in case.boxes if n in case.classes})
-        for name, box in case.boxes.items():
-            if actual.get(name) != list(box):
-                problem(case.label, f"manifest box of {name!r} is {box}, the label gives {actual.get(name)}")
-    meta = _read_meta(folder)
-    if meta is None:
-        problem(folder, "not in the preprocessing cache (run python -m data_prep.preprocess)")
-    elif meta.get("key") != _case_key(case, spacing, settings):
-        problem(folder, "cache entry is out of date (sources or settings changed; run python -m data_prep.preprocess)")
-    else:
-        for name, dtype in (("image.npy", "float16"), ("label.npy", meta.get("label_dtype"))):
-            try:
-                arr = np.load(folder / name, mmap_mode="r")
-                if list(arr.shape) != meta["shape"] or str(arr.dtype) != dtype:
-                    problem(folder / name, f"expected {dtype} {meta['shape']}, found {arr.dtype} {list(arr.shape)}")
-            except (OSError, ValueError) as exc:
-                problem(folder / name, f"unreadable ({exc})")
-        if not (folder / "foreground.npz").is_file():
-            problem(folder / "foreground.npz", "missing")
-    return problems
-
-
-def verify_corpus(cases: list[Case], cache_dir, settings: dict, workers: int = 2, progress: bool = True) -> list:
-    """Check every case and return every problem found (``{"case", "file", "problem"}``); stops at none."""
-    plan = plan_corpus(cases, settings)
-    jobs = [(c, case_dir(cache_dir, c), plan[c.dataset], settings) for c in cases]
-    return [p for found in _run(_verify_job, jobs, int(workers), "verifying", progress) for p in found]
+        case, folder, why = stale[0]
+        raise VlsegError(f"{folder}: preprocessing cache entry of case {case.case_id!r} is {why} ({len(stale)} of "
+                         f"{len(cases)} cases missing or out of date); {RERUN}")
+    return [_open_entry(case, folder, meta) for (case, folder, _, _), meta in zip(jobs, metas)]
