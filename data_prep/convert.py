@@ -14,15 +14,34 @@ The map YAML names the dataset and modality and sends local label names (or valu
     modality: CT
     labels: {liver: liver, cancer: liver tumor}
 
-In the nnU-Net layout an image may also be a DICOM series: a folder ``imagesTr/<case>_0000/`` holding the slices
-(any file names), next to ``labelsTr/<case><file_ending>``; and ``file_ending: ".nrrd"`` takes NRRD images and labels.
+In the nnU-Net layout an image may also be a DICOM series: a folder ``imagesTr/<case>_0000/`` holding the slice files
+of one series (any names: ``CT.1.3.12...``, ``IM0001``, ``*.dcm``), next to ``labelsTr/<case><file_ending>``; series
+folders and image files may be mixed in one dataset::
+
+    Dataset010_Abdomen/
+        dataset.json          {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
+                               "file_ending": ".nii.gz"}
+        imagesTr/case01_0000/ CT.1.3.12.2.1107.5.1.4.60064.3000..., CT.1.3.12.2.1107.5.1.4.60064.3000..., ...
+        imagesTr/case02_0000.nii.gz
+        labelsTr/case01.nii.gz   on the series' grid (any axis order: the world geometry must match)
+        labelsTr/case02.nii.gz
+
+The series is checked like any image (one series in the folder, evenly spaced slices along the slice normal, at least
+two slices).  ``file_ending: ".nrrd"`` takes NRRD images and labels (``imagesTr/<case>_0000.nrrd``,
+``labelsTr/<case>.nrrd``); a 3D Slicer label map named ``labelsTr/<case>.seg.nrrd`` (scalar, one layer) also belongs
+to ``<case>``.
 A map may start from another with ``labels_from: other.yaml`` (relative to it) and add or change labels; ``--dataset``
 and ``--split`` let one map serve several datasets (``--split test`` holds a whole dataset out).
 
 Each case is checked (readable image, label on the image grid, only declared label values, finite voxels); a bad case
 is reported with its file and problem and skipped, the others are written, and the command exits non-zero at the end.
-Every run also writes ``convert_report_<dataset>.json`` beside the manifest (converted cases, errors with file and
-problem).
+Every run also writes ``convert_report_<dataset>.json`` beside the manifest (one per dataset, since several datasets
+share a manifest), case ids as the manifest names them::
+
+    {"dataset": "MSDLiver", "source": "...", "converted": ["MSDLiver_liver_0"],
+     "errors": [{"case": "MSDLiver_liver_1", "file": ".../liver_1.nii.gz", "problem": "label values [7] are ..."}]}
+
+Raw data is only read: nothing in ``--source`` is ever written, moved or deleted.
 Cases of the same dataset already in the manifest are replaced; other datasets' lines are kept.
 """
 
@@ -62,14 +81,35 @@ def read_layout(source: Path) -> tuple[dict[str, list[int]], list[tuple[str, Pat
             cases.append((Path(item["label"]).name.split(".")[0], image, label))
         return labels, cases
     ending = meta.get("file_ending", ".nii.gz")  # nnU-Net v2: name → value or region (list of values)
+    if not isinstance(ending, str) or not ending.startswith(".") or len(ending) < 2:
+        raise VlsegError(f"{meta_path}: file_ending must be a suffix such as '.nii.gz' or '.nrrd', got {ending!r}")
     labels = {str(n): [int(v)] if isinstance(v, int) else [int(x) for x in v] for n, v in raw_labels.items()}
+    label_files = sorted(p for p in (source / "labelsTr").glob(f"*{ending}") if len(p.name) > len(ending))
+    if not label_files:
+        raise VlsegError(f"{source / 'labelsTr'}: no label files ending in {ending!r} (the file_ending of "
+                         f"{meta_path.name})")
+    ids = {p.name[: -len(ending)] for p in label_files}
     cases = []
-    for label in sorted((source / "labelsTr").glob(f"*{ending}")):
-        case_id = label.name[: -len(ending)]
-        image = source / "imagesTr" / f"{case_id}_0000{ending}"
-        series = source / "imagesTr" / f"{case_id}_0000"
-        cases.append((case_id, series if series.is_dir() and not image.exists() else image, label))
+    for label in label_files:
+        case_id = label.name[: -len(ending)]  # the case id is the label's name minus file_ending...
+        image = nnunet_image(source / "imagesTr", case_id, ending)
+        # ...but 3D Slicer names a segmentation <case>.seg.nrrd: with file_ending ".nrrd" that leaves "<case>.seg",
+        # which names no image; then the case is <case>, unless a label of that name exists as well.
+        stem = case_id[: -len(".seg")]
+        if case_id.endswith(".seg") and stem and stem not in ids and not image.exists() and \
+                nnunet_image(source / "imagesTr", stem, ending).exists():
+            case_id, image = stem, nnunet_image(source / "imagesTr", stem, ending)
+        cases.append((case_id, image, label))
     return labels, cases
+
+
+def nnunet_image(images: Path, case_id: str, ending: str) -> Path:
+    """A case's (first channel) image in an nnU-Net ``imagesTr`` folder: the file ``<case>_0000<ending>``, or, when
+    there is no such file, the DICOM series folder ``<case>_0000/``.  (The file's path when neither exists, so the
+    error names what was expected.)"""
+    image = images / f"{case_id}_0000{ending}"
+    series = images / f"{case_id}_0000"
+    return series if series.is_dir() and not image.exists() else image
 
 
 def class_values(local: dict[str, list[int]], mapping: dict, vocabulary: Vocabulary, source: str) -> dict:
@@ -195,13 +235,15 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     cases, errors = [], []
     report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [], "errors": []}
     for case_id, image, label in tqdm(items, desc=f"converting {spec['dataset']}", disable=not progress):
+        case_id = f"{spec['dataset']}_{case_id}"
         try:
             loaded = merge_masks(Path(image).parent, image_name, mask_classes, vocabulary, Path(label)) \
                 if mask_folders else None
-            cases.append(check_case(f"{spec['dataset']}_{case_id}", image, label, classes, declared,
-                                    str(spec["dataset"]), modality, loaded))
+            cases.append(check_case(case_id, image, label, classes, declared, str(spec["dataset"]), modality,
+                                    loaded))
         except VlsegError as exc:
             errors.append(str(exc))
+            # Errors read "<file>: <problem>"; the file may be the image, the label or one slice of a series.
             file, sep, problem = str(exc).partition(": ")
             report["errors"].append({"case": case_id, "file": file if sep else str(image),
                                      "problem": problem if sep else str(exc)})

@@ -1,9 +1,10 @@
 """Scans in and masks out, in the scan's own geometry.
 
-The model works on RAS-canonical arrays (axis 0 → patient Left, 1 → Anterior, 2 → Superior, i.e. the world
-coordinate grows along each axis in the R, A, S directions).  ``load_scan`` brings any NIfTI file into that layout and
-remembers how; ``Scan.to_original`` and ``save_like`` undo it exactly, so every output lies voxel for voxel on the
-input file's grid.  Bad input of any kind becomes one ``VlsegError`` line naming the file and the problem.
+The model works on RAS-canonical arrays (axis 0 runs from the patient's left towards the Right, 1 towards Anterior,
+2 towards Superior, i.e. the world coordinate grows along each axis in the R, A, S directions).  ``load_scan`` brings
+a NIfTI file, an NRRD/MetaImage file or a folder holding one DICOM series into that layout and remembers how;
+``Scan.to_original`` and ``save_like`` undo it exactly, so every output (always NIfTI) lies voxel for voxel on the
+input's grid.  Bad input of any kind becomes one ``VlsegError`` line naming the file and the problem.
 
 Files are read eagerly and in full (gzip streams are decompressed to the end, so their CRC is checked): nibabel reads
 lazily and only as many bytes as the header asks for, which lets a damaged stream pass unnoticed or fail much later.
@@ -25,8 +26,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 
-__all__ = ["Scan", "load_scan", "load_label", "save_like", "resample_to_spacing", "resample_to_shape",
-           "normalize_intensity", "MODALITIES"]
+__all__ = ["Scan", "load_scan", "load_label", "save_like", "is_dicom_series", "resample_to_spacing",
+           "resample_to_shape", "normalize_intensity", "MODALITIES"]
 
 RAS = axcodes2ornt(("R", "A", "S"))
 MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}  # accepted spelling (upper-cased) → canonical name
@@ -50,7 +51,7 @@ class Scan:
     path: Path | None  # the file it came from; None for an in-memory image
     original_shape: tuple[int, int, int]  # spatial shape of the file's array
     original_affine: np.ndarray  # 4x4 affine of the file's array
-    header: object | None = field(default=None, repr=False)  # the file's nibabel header
+    header: object | None = field(default=None, repr=False)  # the NIfTI file's header; None for NRRD/DICOM input
     original_ornt: np.ndarray | None = field(default=None, repr=False)  # io_orientation of the file's array
 
     def __post_init__(self):
@@ -125,6 +126,8 @@ def _parse(raw: bytes, name: str):
     """Bytes of a single-file NIfTI-1/2 image → nibabel image (data not yet read)."""
     if not raw:
         raise VlsegError(f"{name}: not a NIfTI image (empty file)")
+    if raw[128:132] == b"DICM":  # the DICOM preamble is 128 bytes, then this magic
+        raise VlsegError(f"{name}: a single DICOM file; pass the folder holding the whole series")
     if len(raw) < 348:
         raise VlsegError(f"{name}: not a NIfTI image (only {len(raw)} bytes, shorter than a NIfTI header)")
     klass = None
@@ -203,10 +206,7 @@ def _read_itk(path: Path) -> nib.Nifti1Image:
     """An NRRD/MetaImage file → nibabel image with a RAS affine (ITK's direction/origin are LPS)."""
     if not path.exists():
         raise VlsegError(f"{path}: file not found")
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        raise VlsegError(f"{path}: reading {path.suffix} files needs SimpleITK (pip install SimpleITK)") from None
+    sitk = _sitk(path, f"{path.suffix} files")
     try:
         img = sitk.ReadImage(str(path))
         data = sitk.GetArrayFromImage(img)  # [z, y, x]
@@ -218,6 +218,15 @@ def _read_itk(path: Path) -> nib.Nifti1Image:
     return _itk_to_nifti(img, data)
 
 
+def _sitk(path: Path, what: str):
+    """The SimpleITK module, or a one-line error saying ``what`` needs it."""
+    try:
+        import SimpleITK as sitk
+    except ImportError:
+        raise VlsegError(f"{path}: reading {what} needs SimpleITK (pip install SimpleITK)") from None
+    return sitk
+
+
 def _itk_to_nifti(img, data: np.ndarray) -> nib.Nifti1Image:
     """An ITK image's geometry (LPS direction/origin) and its [z, y, x] array → nibabel image with a RAS affine."""
     lps_to_ras = np.diag([-1.0, -1.0, 1.0])
@@ -227,55 +236,121 @@ def _itk_to_nifti(img, data: np.ndarray) -> nib.Nifti1Image:
     return nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
 
 
+def _dicom_series_ids(sitk, folder: Path) -> tuple[str, ...]:
+    """The Series Instance UIDs GDCM finds among the files directly in ``folder`` (subfolders are not searched)."""
+    # ITK prints a warning of its own when a folder holds no series; the callers say it in one line instead.
+    shown = sitk.ProcessObject_GetGlobalWarningDisplay()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject_SetGlobalWarningDisplay(shown)
+
+
 def is_dicom_series(path) -> bool:
-    """Whether ``path`` is a folder (holding a DICOM series, as far as ``load_scan`` is concerned)."""
-    return isinstance(path, (str, os.PathLike)) and Path(path).expanduser().is_dir()
+    """Whether ``path`` is a folder holding (at least) one DICOM series, i.e. something ``load_scan`` reads as DICOM.
 
-
-def _read_dicom(folder: Path) -> nib.Nifti1Image:
-    """A folder holding one DICOM series → nibabel image with a RAS affine.
-
-    SimpleITK sorts the slices by position and derives the geometry; it only *warns* about a gap (a missing slice)
-    or uneven slice spacing and then returns a volume with the wrong geometry, so the slice positions are checked
-    here: they must lie on one line, evenly spaced."""
+    ``load_scan`` treats every folder as a DICOM series and says what is wrong with it; this only looks."""
+    if not isinstance(path, (str, os.PathLike)) or not Path(path).expanduser().is_dir():
+        return False
     try:
         import SimpleITK as sitk
     except ImportError:
-        raise VlsegError(f"{folder}: reading DICOM series needs SimpleITK (pip install SimpleITK)") from None
-    # ITK prints its own warnings (no series, irregular spacing) straight to stderr; the checks below say it once.
-    sitk.ProcessObject_SetGlobalWarningDisplay(False)
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        return False
+    return bool(_dicom_series_ids(sitk, Path(path).expanduser()))
+
+
+def _dicom_vector(value: str, n: int) -> np.ndarray | None:
+    """A DICOM multi-valued decimal string ("a\\b\\c") → n floats, or None when it does not hold n numbers."""
+    try:
+        out = np.array([float(v) for v in value.replace(",", "\\").split("\\")])
+    except ValueError:
+        return None
+    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
+
+
+def _check_slice_geometry(folder: Path, files, positions: np.ndarray, orientations: np.ndarray, img) -> None:
+    """The slices (sorted as read) must share one orientation and lie evenly spaced along the normal of their image
+    plane, and the grid ITK built must pass through every slice's position.
+
+    ITK only *warns* about a missing slice or uneven spacing, and for a tilted stack (gantry tilt) it silently
+    returns an unsheared grid; in each case the volume's world geometry would be wrong."""
+    if np.max(np.abs(orientations - orientations[0])) > 1e-3:
+        k = int(np.argmax(np.max(np.abs(orientations - orientations[0]), axis=1)))
+        raise VlsegError(f"{folder}: DICOM slices have different orientations (ImageOrientationPatient of "
+                         f"{Path(files[k]).name} differs from {Path(files[0]).name})")
+    normal = np.cross(orientations[0][:3], orientations[0][3:])
+    # Duplicates first, in any order: GDCM cannot sort slices that share a position and falls back to another order.
+    order = np.argsort(positions @ normal)
+    same = np.flatnonzero(np.linalg.norm(np.diff(positions[order], axis=0), axis=1) <= 1e-3)
+    if same.size:
+        a, b = (Path(files[order[same[0] + i]]).name for i in (0, 1))
+        raise VlsegError(f"{folder}: two DICOM slices at the same position ({a} and {b}): duplicate files, or "
+                         f"several series sharing one UID")
+    steps = np.diff(positions, axis=0)
+    gaps = np.linalg.norm(steps, axis=1)
+    tol = 0.01 * float(gaps.mean())  # DS values carry limited digits; 1% of a slice step is far above that
+    if gaps.max() - gaps.min() > tol:
+        raise VlsegError(f"{folder}: DICOM slices are not evenly spaced (gaps from {gaps.min():.4g} to "
+                         f"{gaps.max():.4g} mm): a slice is missing or the series is irregular")
+    along = np.abs(steps @ normal) / gaps
+    if along.min() < 0.9999:
+        angle = float(np.degrees(np.arccos(np.clip(along.min(), -1.0, 1.0))))
+        raise VlsegError(f"{folder}: DICOM slices are not stacked along the normal of the image plane (tilted by "
+                         f"{angle:.2f}°, e.g. gantry tilt); resample the series to an orthogonal grid first")
+    direction = np.asarray(img.GetDirection()).reshape(3, 3)
+    grid = np.asarray(img.GetOrigin()) + np.outer(np.arange(len(files)), direction[:, 2] * img.GetSpacing()[2])
+    off = float(np.max(np.linalg.norm(grid - positions, axis=1)))
+    if off > tol:
+        raise VlsegError(f"{folder}: the DICOM reader's grid misses the slice positions by up to {off:.3g} mm")
+
+
+def _read_dicom(folder: Path) -> nib.Nifti1Image:
+    """A folder holding one DICOM series (any file names) → nibabel image with a RAS affine.
+
+    GDCM groups the files by Series Instance UID and sorts them by position along the slice normal; ITK reads them
+    as one volume (rescale slope/intercept applied, so CT comes out in HU).  ``_check_slice_geometry`` then makes
+    sure that volume's grid really is where the slices are."""
+    sitk = _sitk(folder, "DICOM series")
+    series = _dicom_series_ids(sitk, folder)
     if not series:
-        raise VlsegError(f"{folder}: no DICOM series found in this folder")
+        subfolders = sum(1 for p in folder.iterdir() if p.is_dir())
+        hint = f" (it has {subfolders} subfolder(s): point at the one holding the slices)" if subfolders else ""
+        raise VlsegError(f"{folder}: no DICOM series found in this folder{hint}")
     if len(series) > 1:
-        raise VlsegError(f"{folder}: holds {len(series)} DICOM series ({', '.join(series[:2])}, ...); point at a "
-                         f"folder with one series")
+        shown = ", ".join(uid or "<empty UID>" for uid in series[:2])
+        raise VlsegError(f"{folder}: holds {len(series)} DICOM series ({shown}{', ...' if len(series) > 2 else ''}); "
+                         f"point at a folder holding one series")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
     if len(files) < 2:
-        raise VlsegError(f"{folder}: the DICOM series has {len(files)} slice; a 3D scan needs at least 2")
-    positions = []
-    for f in files:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(f)
-        try:
-            reader.ReadImageInformation()
-            positions.append([float(v) for v in reader.GetMetaData("0020|0032").replace(",", "\\").split("\\")])
-        except (RuntimeError, ValueError):
-            raise VlsegError(f"{f}: DICOM slice without a readable position (ImagePositionPatient)") from None
-    positions = np.asarray(positions)
-    steps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
-    if steps.min() <= _MIN_VOXEL_MM or (steps.max() - steps.min()) > 0.01 * max(steps.mean(), 1e-3):
-        raise VlsegError(f"{folder}: DICOM slices are not evenly spaced (gaps from {steps.min():.3g} to "
-                         f"{steps.max():.3g} mm): a slice is missing or the series is irregular")
+        raise VlsegError(f"{folder}: the DICOM series has {len(files)} slice (a 2D image, or a multi-frame file, "
+                         f"which is not supported); a 3D scan needs a series of at least 2 slices")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's tags: positions are checked below
+    shown = sitk.ProcessObject_GetGlobalWarningDisplay()
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's own spacing warning; the checks below say it once
     try:
         img = reader.Execute()
-        data = sitk.GetArrayFromImage(img)
+        data = sitk.GetArrayFromImage(img)  # [z, y, x]
     except RuntimeError as exc:
         raise VlsegError(f"{folder}: unreadable DICOM series ({_first_line(exc).strip()})") from None
+    finally:
+        sitk.ProcessObject_SetGlobalWarningDisplay(shown)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise VlsegError(f"{folder}: not a 3D single-channel series")
+        raise VlsegError(f"{folder}: not a 3D single-channel series ({img.GetNumberOfComponentsPerPixel()} "
+                         f"components per voxel)")
+    positions, orientations = [], []
+    for k, f in enumerate(files):
+        tags = {key: reader.GetMetaData(k, key) if reader.HasMetaDataKey(k, key) else ""
+                for key in ("0020|0032", "0020|0037")}
+        position, orientation = _dicom_vector(tags["0020|0032"], 3), _dicom_vector(tags["0020|0037"], 6)
+        if position is None or orientation is None:
+            missing = "ImagePositionPatient" if position is None else "ImageOrientationPatient"
+            raise VlsegError(f"{f}: DICOM slice without a readable {missing}")
+        positions.append(position)
+        orientations.append(orientation)
+    _check_slice_geometry(folder, files, np.asarray(positions), np.asarray(orientations), img)
     return _itk_to_nifti(img, data)
 
 
@@ -288,6 +363,9 @@ def load_scan(source) -> Scan:
     """
     if isinstance(source, Scan):
         return source
+    # Only a NIfTI header of the user's is kept for outputs; the one built here for NRRD/DICOM data says nothing the
+    # affine does not, and without it ``save_like`` writes both a qform and an sform.
+    own_header = True
     if isinstance(source, nib.spatialimages.SpatialImage):
         img, path = source, None
         name = source.get_filename() or "<in-memory image>"
@@ -295,16 +373,18 @@ def load_scan(source) -> Scan:
             shape3 = _spatial_shape(img, name)
         except (AttributeError, TypeError) as exc:
             raise VlsegError(f"{name}: unusable image ({_first_line(exc)})") from None
-    elif is_dicom_series(source):
+    elif isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
         path = Path(source).expanduser()
         name = str(path)
-        img = _read_dicom(path)
+        img = _read_dicom(path)  # every folder is taken for a DICOM series; _read_dicom says what is wrong with it
         shape3 = _spatial_shape(img, name)
+        own_header = False
     elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in ITK_SUFFIXES:
         path = Path(source).expanduser()
         name = str(path)
         img = _read_itk(path)
         shape3 = _spatial_shape(img, name)
+        own_header = False
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
         name = str(path)
@@ -314,8 +394,8 @@ def load_scan(source) -> Scan:
         _check_size(img, len(raw), name)
         del raw
     else:
-        raise VlsegError(f"load_scan: expected a .nii/.nii.gz path, a nibabel image or a Scan, "
-                         f"got {type(source).__name__}")
+        raise VlsegError(f"load_scan: expected a .nii/.nii.gz path, a DICOM series folder, a nibabel image or a "
+                         f"Scan, got {type(source).__name__}")
 
     affine = _check_affine(img.affine, name)
     data = _read_voxels(img, name).reshape(shape3)
@@ -328,7 +408,7 @@ def load_scan(source) -> Scan:
     canonical = np.ascontiguousarray(apply_orientation(data, to_canonical), dtype=np.float32)
     canonical_affine = affine @ inv_ornt_aff(to_canonical, shape3)
     spacing = tuple(float(z) for z in np.linalg.norm(canonical_affine[:3, :3], axis=0))
-    header = img.header if isinstance(img.header, nib.Nifti1Header) else None
+    header = img.header if own_header and isinstance(img.header, nib.Nifti1Header) else None
     return Scan(canonical, canonical_affine, spacing, path, shape3, affine, header, original_ornt)
 
 
