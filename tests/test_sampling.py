@@ -147,3 +147,19 @@ def test_synthesised_lesions_are_a_supervised_class_inside_the_organ(cached, voc
     with pytest.raises(VlsegError, match="datasets"):
         synthesis_plan({**cfg, "datasets": ["PhantomLiver"]}, cached, vocabulary, [-200.0, 300.0])
     assert synthesis_plan({**cfg, "enabled": False}, cached, vocabulary, [-200.0, 300.0]) is None
+
+
+def test_thin_scan_simulation_repeats_edge_slices_of_image_and_targets(cached, vocabulary):
+    ds = CropDataset(cached, vocabulary, [16, 16, 24], seed=4, thin_prob=1.0, thin_slices=(5, 9), foreground_prob=1.0)
+    plain = CropDataset(cached, vocabulary, [16, 16, 24], seed=4, thin_prob=0.0, foreground_prob=1.0)
+    for i in range(12):
+        s = ds[i]
+        image, target = s["image"].numpy()[0], s["target"].numpy()
+        distinct = [z for z in range(1, 24) if not np.array_equal(image[:, :, z], image[:, :, z - 1])]
+        assert len(distinct) <= 8  # at most 9 different slices, the rest repeat the slab's first or last one
+        first, last = distinct[0] - 1 if distinct else 0, distinct[-1] if distinct else 0
+        assert (image[:, :, :first + 1] == image[:, :, first:first + 1]).all()
+        assert (image[:, :, last:] == image[:, :, last:last + 1]).all()
+        assert (target[:, :, :, :first + 1] == target[:, :, :, first:first + 1]).all()
+        assert (target[:, :, :, last:] == target[:, :, :, last:last + 1]).all()
+    assert any(len({plain[i]["image"].numpy()[0, :, :, z].tobytes() for z in range(24)}) > 9 for i in range(5))

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "target_spacing": None,  # None: native; [x, y, z] mm; "auto": per dataset by nnU-Net's median rule
         "spacing_per_dataset": {},  # dataset → [x, y, z], overriding target_spacing for that dataset
         "inference_spacing": None,  # predictions' working spacing; None: set by training from the above
+        "classes": None,  # train only these canonical classes (None: every class the training data annotates)
         "cache": None,  # preprocessing cache folder; None: <manifest folder>/cache
         "preprocess_workers": 2,
         "num_workers": 0,
@@ -40,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "class_weights": {},  # class → extra factor for foreground-centred crops (default: equal per class)
         "negative_fraction": 0.25,  # share of the queries kept for annotated classes absent from the crop
         "zoom_range": [1.0, 1.0],  # random zoom of training crops (read region size / crop size)
+        "thin_prob": 0.0,  # chance a crop is cut to a thin slab whose edge slices repeat (thin-scan simulation)
+        "thin_slices": [8, 20],  # slab thickness range, in slices of the crop
         "synthesis": {  # synthetic lesions inside an annotated organ, learnt as their own class (vlseg.data.synth)
             "enabled": False,
             "organ": "liver",

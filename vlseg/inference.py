@@ -151,7 +151,8 @@ class Segmenter:
             return torch.sigmoid(out["mask_logits"].float())
 
         prob = sliding_window_inference(x, roi_size=list(dcfg["crop_size"]), sw_batch_size=int(icfg["sw_batch_size"]),
-                                        predictor=predictor, overlap=float(icfg["overlap"]), mode="gaussian")[0]
+                                        predictor=predictor, overlap=float(icfg["overlap"]), mode="gaussian",
+                                        padding_mode="replicate")[0]
         prob = prob.cpu().numpy()
         if prob.shape[1:] != scan.data.shape:
             prob = resample_to_shape(prob, scan.data.shape, order=1)

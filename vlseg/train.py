@@ -133,11 +133,17 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
         annotated = {name for cc in cases for name in cc.case.classes}
         if dcfg["synthesis"].get("enabled"):
             annotated.add(full.resolve(str(dcfg["synthesis"]["target"])) or str(dcfg["synthesis"]["target"]))
+        if dcfg.get("classes"):  # a chosen subset: other annotated classes become unknown (never supervised)
+            chosen = {full.resolve(str(n)) or str(n) for n in dcfg["classes"]}
+            full.subset(chosen, source="data.classes")  # unknown names: one-line error
+            annotated &= chosen
         vocabulary = full.subset(annotated, source=str(dcfg["manifest"]))
         dcfg["inference_spacing"] = inference_spacing(cfg, cases)
         save_config(cfg, run_dir / "config.yaml")
     else:
         vocabulary = Vocabulary.from_dict(meta["vocabulary"])
+    # Cases whose dataset annotates none of the model's classes have nothing to train on.
+    cases = [cc for cc in cases if any(n in vocabulary.names for n in cc.case.classes)] or cases
     net, text_encoder = build_network(cfg, vocabulary)
     if state is not None:
         trained_with = meta["text_encoder"].get("fingerprint")
@@ -168,7 +174,8 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
                           dataset_temperature=float(dcfg["dataset_temperature"]),
                           dataset_factors=dcfg["dataset_weights"], class_factors=dcfg["class_weights"],
                           negative_fraction=float(dcfg["negative_fraction"]), zoom_range=dcfg["zoom_range"],
-                          synthesis=synthesis_plan(dcfg["synthesis"], cases, vocabulary, dcfg["ct_window"]))
+                          synthesis=synthesis_plan(dcfg["synthesis"], cases, vocabulary, dcfg["ct_window"]),
+                          thin_prob=float(dcfg["thin_prob"]), thin_slices=dcfg["thin_slices"])
     indices = list(range(start * batch, steps * batch))  # sample i of the run is always dataset[i]
     loader = DataLoader(dataset, batch_size=batch, sampler=indices, collate_fn=collate,
                         num_workers=int(dcfg["num_workers"]))

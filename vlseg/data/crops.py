@@ -10,9 +10,11 @@ One sample = one crop of one case plus the text queries asked about it.  Drawing
    in proportion to its voxels) times optional per-class factors; otherwise anywhere;
 4. **crop** — only that region is read from the memory-mapped cache; a random zoom reads a slightly larger or smaller
    region and resamples it to the crop size;
-5. **lesion synthesis** (optional) — inside an annotated organ, synthetic lesions with their own label (e.g. liver
+5. **thin-scan simulation** (optional) — a random slab of slices with its edge slices repeated, as inference pads a
+   scan thinner than the window;
+6. **lesion synthesis** (optional) — inside an annotated organ, synthetic lesions with their own label (e.g. liver
    tumours in real livers whose dataset labels no tumour), see ``vlseg.data.synth``;
-6. **queries** — classes present in the crop first, then *in-set negatives* (classes the dataset annotates that are
+7. **queries** — classes present in the crop first, then *in-set negatives* (classes the dataset annotates that are
    absent from the crop, as VISTA3D trains them), ``negative_fraction`` of the queries at most when both exist;
    wording sampled from each class's synonyms.  Classes the dataset does not annotate are never asked (masked
    back-propagation), unless the naive loss asks them as background.
@@ -108,7 +110,8 @@ class CropDataset(Dataset):
                  foreground_prob: float = 0.67, max_queries: int = 16, synonyms: bool = True,
                  query_unannotated: bool = False, length: int = 10**9, dataset_temperature: float = 1.0,
                  dataset_factors: dict | None = None, class_factors: dict | None = None,
-                 negative_fraction: float = 0.25, zoom_range=(1.0, 1.0), synthesis: SynthesisPlan | None = None):
+                 negative_fraction: float = 0.25, zoom_range=(1.0, 1.0), synthesis: SynthesisPlan | None = None,
+                 thin_prob: float = 0.0, thin_slices=(8, 20)):
         if not cases:
             raise VlsegError("no training cases")
         self.cases, self.vocabulary = cases, vocabulary
@@ -116,6 +119,7 @@ class CropDataset(Dataset):
         self.seed, self.foreground_prob, self.max_queries = seed, foreground_prob, max_queries
         self.synonyms, self.query_unannotated, self.length = synonyms, query_unannotated, length
         self.negative_fraction, self.zoom_range, self.synthesis = negative_fraction, tuple(zoom_range), synthesis
+        self.thin_prob, self.thin_slices = float(thin_prob), tuple(int(v) for v in thin_slices)
         self.class_factors = {vocabulary.resolve(k) or k: float(v) for k, v in (class_factors or {}).items()}
         unknown = [k for k in self.class_factors if k not in vocabulary.names]
         if unknown:
@@ -188,6 +192,15 @@ class CropDataset(Dataset):
             for parent in self.vocabulary.parents(s.target):  # a parent's mask contains its lesions
                 if parent in masks:
                     masks[parent] = masks[parent] | lesion
+        if self.thin_prob and rng.random() < self.thin_prob:
+            # A thin scan (a slab of a few slices, like a 4 cm DICOM series) reaches the model padded by repeating its
+            # edge slices to the window size; training sees the same: a random slab, edge slices repeated.
+            z = self.crop_size[2]
+            n = int(rng.integers(min(self.thin_slices[0], z), min(self.thin_slices[1], z) + 1))
+            z0 = int(rng.integers(0, z - n + 1))
+            index = np.clip(np.arange(z), z0, z0 + n - 1)
+            image = image[:, :, index]
+            masks = {k: m[:, :, index] for k, m in masks.items()}
         image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)  # mild intensity augmentation; no flips (L/R)
 
         present = [n for n in annotated if masks[n].any()]
