@@ -41,6 +41,8 @@ DEFAULTS: dict[str, Any] = {
         "class_weights": {},  # class → extra factor for foreground-centred crops (default: equal per class)
         "negative_fraction": 0.25,  # share of the queries kept for annotated classes absent from the crop
         "zoom_range": [1.0, 1.0],  # random zoom of training crops (read region size / crop size)
+        "intensity_scale": [0.9, 1.1],  # random contrast factor on normalised intensities
+        "intensity_shift": 0.1,  # random brightness shift (normalised units; CT: 0.1 = 25 HU for the default window)
         "thin_prob": 0.0,  # chance a crop is cut to a thin slab whose edge slices repeat (thin-scan simulation)
         "thin_slices": [8, 20],  # slab thickness range, in slices of the crop
         "synthesis": {  # synthetic lesions inside an annotated organ, learnt as their own class (vlseg.data.synth)

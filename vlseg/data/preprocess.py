@@ -409,7 +409,7 @@ def _run_jobs(fn, jobs: list, workers: int, desc: str, progress: bool) -> list:
     workers = int(workers)
     if workers < 0:
         raise VlsegError(f"workers must be 0 or more, got {workers}")
-    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress or not jobs)
     try:
         if workers <= 1 or len(jobs) <= 1:
             results = []
