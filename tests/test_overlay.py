@@ -11,7 +11,7 @@ from PIL import Image
 from vlseg.errors import VlsegError
 from vlseg.overlay import ALPHA, COLOURS, GAP, MAX_ASPECT, PANEL_MIN, mask_colour, save_overlay
 
-SHAPE = (40, 30, 20)  # x (→ patient left), y (→ anterior), z (→ superior)
+SHAPE = (40, 30, 20)  # RAS: x (→ patient right), y (→ anterior), z (→ superior)
 
 
 def box(lo, hi, shape=SHAPE) -> np.ndarray:
@@ -98,17 +98,39 @@ def test_near_flat_volumes_have_capped_panel_width(tmp_path):
 # --- orientation ----------------------------------------------------------------------------------------------------
 
 def test_patient_right_is_on_the_viewers_left(tmp_path):
-    right = box((2, 10, 5), (10, 20, 15))  # low x = patient's right
+    right = box((30, 10, 5), (38, 20, 15))  # high x = patient's right
     widths = panel_widths()
     axial, coronal, _ = panels(render(tmp_path, {"right": right}), widths)
     for panel, w in ((axial, widths[0]), (coronal, widths[1])):
         cols = where(panel, COLOURS[0])[1]
         assert len(cols) > 50 and cols.max() < w * 0.3
     # A mask on the patient's left lands on the viewer's right.
-    left = box((30, 10, 5), (38, 20, 15))
+    left = box((2, 10, 5), (10, 20, 15))
     axial, coronal, _ = panels(render(tmp_path, {"left": left}, name="l.png"), widths)
     assert where(axial, COLOURS[0])[1].min() > widths[0] * 0.7
     assert where(coronal, COLOURS[0])[1].min() > widths[1] * 0.7
+
+
+def test_real_patient_b_liver_on_the_viewers_left_spleen_on_the_right(tmp_path):
+    """The real DICOM series of patient B (cut down): liver and spleen must land where a radiologist expects them."""
+    from pathlib import Path
+
+    from vlseg.io import load_label, load_scan
+
+    real = Path(__file__).resolve().parent / "data" / "real" / "patient_b"
+    scan = load_scan(real / "dicom")
+    label = load_label(real / "label.nii.gz", like=scan)
+    masks = {"liver": label == 5, "spleen": label == 1}
+    png = save_overlay(scan.data, masks, tmp_path / "b.png", spacing=scan.spacing, window=(-200.0, 300.0))
+    with Image.open(png) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    nx, ny, _ = scan.data.shape
+    sx, sy, _ = scan.spacing
+    axial_w = min(round(PANEL_MIN * nx * sx / (ny * sy)), round(MAX_ASPECT * PANEL_MIN))
+    axial = rgb[:PANEL_MIN, :axial_w]
+    liver_cols, spleen_cols = where(axial, COLOURS[0])[1], where(axial, COLOURS[1])[1]
+    assert len(liver_cols) > 20 and len(spleen_cols) > 20
+    assert liver_cols.mean() < axial_w / 2 < spleen_cols.mean()
 
 
 def test_anterior_is_at_the_top_of_axial_and_left_of_sagittal(tmp_path):
@@ -181,8 +203,8 @@ def test_each_mask_has_its_own_colour(tmp_path):
 
 def test_explicit_window_and_percentile_window(tmp_path):
     image = np.zeros(SHAPE, np.float32)
-    image[:20] = 40.0  # patient right half
-    image[20:] = 80.0
+    image[20:] = 40.0  # patient right half (high x), on the viewer's left
+    image[:20] = 80.0
     axial = panels(render(tmp_path, {}, image=image, window=(0.0, 160.0)), panel_widths())[0]
     w = panel_widths()[0]
     assert np.allclose(axial[PANEL_MIN // 2, w // 8], 255 * 40 / 160, atol=1.5)

@@ -122,10 +122,11 @@ def _views(centre, spacing):
     # (name, take, mm per pixel (rows, cols), letter at the top, letter at the left, slice caption)
     return [
         # axial: a[:, :, z] is (x, y); transpose to rows=y, cols=x; flip rows so anterior (high y) is at the top.
-        # Columns keep x increasing to the right: patient right (low x) on the viewer's left.
-        ("axial", lambda a: a[:, :, cz].T[::-1, :], (sy, sx), "A", "R", f"axial z={cz}"),
-        # coronal: a[:, y, :] is (x, z); rows=z flipped (superior on top), cols=x (patient right on the left).
-        ("coronal", lambda a: a[:, cy, :].T[::-1, :], (sz, sx), "S", "R", f"coronal y={cy}"),
+        # RAS x grows towards the patient's right; columns are flipped so the right (high x) is on the viewer's left,
+        # the radiological convention.
+        ("axial", lambda a: a[:, :, cz].T[::-1, ::-1], (sy, sx), "A", "R", f"axial z={cz}"),
+        # coronal: a[:, y, :] is (x, z); rows=z flipped (superior on top), cols=x flipped (patient right on the left).
+        ("coronal", lambda a: a[:, cy, :].T[::-1, ::-1], (sz, sx), "S", "R", f"coronal y={cy}"),
         # sagittal: a[x, :, :] is (y, z); rows=z flipped (superior on top), cols=y flipped (anterior on the left).
         ("sagittal", lambda a: a[cx, :, :].T[::-1, ::-1], (sz, sy), "S", "A", f"sagittal x={cx}"),
     ]
