@@ -6,7 +6,7 @@ legend below (the title, then each prompt's colour swatch and name).  Each panel
 square in mm, so its width is ``round(panel_height * width_mm / height_mm)`` (capped at ``MAX_ASPECT`` times the
 height for degenerate, near-flat volumes).
 
-Display follows the radiological convention for an RAS-canonical array (axis 0 → patient Left, 1 → Anterior,
+Display follows the radiological convention for an RAS-canonical array (axis 0 → patient Right, 1 → Anterior,
 2 → Superior): axial has anterior at the top and the patient's right on the viewer's left; coronal has superior at
 the top and the patient's right on the viewer's left; sagittal has superior at the top and anterior on the left.
 """
