@@ -6,3 +6,14 @@ class VlsegError(Exception):
 
     Command-line entry points print ``error: <message>`` and exit with status 2 instead of a traceback.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def shape_str(shape) -> str:
+    """(512, 512, 20) → "512x512x20"."""
+    return "x".join(str(int(n)) for n in shape)

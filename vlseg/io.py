@@ -24,7 +24,8 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from vlseg.atomic import atomic_path
-from vlseg.errors import VlsegError
+from vlseg.errors import VlsegError, first_line, shape_str
+from vlseg.itk_formats import ITK_SUFFIXES, is_dicom_series, read_dicom, read_itk
 
 __all__ = ["Scan", "load_scan", "load_label", "save_like", "is_dicom_series", "resample_to_spacing",
            "resample_to_shape", "normalize_intensity", "MODALITIES"]
@@ -35,10 +36,6 @@ MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}  # accepted spelling (upper-c
 _GZIP_MAGIC = b"\x1f\x8b"
 _HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}  # sizeof_hdr → single-file image class
 _MIN_VOXEL_MM = 1e-6
-
-
-def _shape_str(shape) -> str:
-    return "x".join(str(int(n)) for n in shape)
 
 
 @dataclass(eq=False)
@@ -76,8 +73,8 @@ class Scan:
     def _map(self, arr, ornt, expected: tuple[int, ...], where: str) -> np.ndarray:
         arr = np.asarray(arr)
         if arr.ndim not in (3, 4) or tuple(arr.shape[-3:]) != tuple(expected):
-            raise VlsegError(f"{self.name}: array of shape {_shape_str(arr.shape)} is not on the {where} grid "
-                             f"{_shape_str(expected)} (expected [X, Y, Z] or channels-first [C, X, Y, Z])")
+            raise VlsegError(f"{self.name}: array of shape {shape_str(arr.shape)} is not on the {where} grid "
+                             f"{shape_str(expected)} (expected [X, Y, Z] or channels-first [C, X, Y, Z])")
         if arr.ndim == 4:
             return np.ascontiguousarray(np.stack([apply_orientation(a, ornt) for a in arr]))
         return np.ascontiguousarray(apply_orientation(arr, ornt))
@@ -93,11 +90,6 @@ class Scan:
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -117,9 +109,9 @@ def _read_bytes(path: Path) -> bytes:
     except EOFError:
         raise VlsegError(f"{path}: truncated or corrupt gzip stream (file ends early)") from None
     except (gzip.BadGzipFile, zlib.error) as exc:
-        raise VlsegError(f"{path}: truncated or corrupt gzip stream ({_first_line(exc)})") from None
+        raise VlsegError(f"{path}: truncated or corrupt gzip stream ({first_line(exc)})") from None
     except OSError as exc:
-        raise VlsegError(f"{path}: cannot read ({exc.strerror or _first_line(exc)})") from None
+        raise VlsegError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
 
 def _parse(raw: bytes, name: str):
@@ -146,16 +138,16 @@ def _parse(raw: bytes, name: str):
     try:
         return klass.from_bytes(raw)
     except Exception as exc:  # nibabel's header checks raise a variety of types for nonsense fields
-        raise VlsegError(f"{name}: not a NIfTI image (invalid header: {_first_line(exc)})") from None
+        raise VlsegError(f"{name}: not a NIfTI image (invalid header: {first_line(exc)})") from None
 
 
 def _spatial_shape(img, name: str) -> tuple[int, int, int]:
     """The 3D shape of the image; 4D+ is accepted only when every extra dimension is 1 (squeezed)."""
     shape = tuple(int(n) for n in img.shape)
     if len(shape) < 3 or any(n != 1 for n in shape[3:]):
-        raise VlsegError(f"{name}: not a 3D image (shape {_shape_str(shape)})")
+        raise VlsegError(f"{name}: not a 3D image (shape {shape_str(shape)})")
     if any(n < 1 for n in shape[:3]):
-        raise VlsegError(f"{name}: empty image (shape {_shape_str(shape)})")
+        raise VlsegError(f"{name}: empty image (shape {shape_str(shape)})")
     return shape[:3]
 
 
@@ -167,7 +159,7 @@ def _check_size(img, raw_len: int, name: str) -> None:
     offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
     need = offset + math.prod(img.shape) * dtype.itemsize
     if raw_len < need:
-        raise VlsegError(f"{name}: truncated file (a {_shape_str(img.shape)} {dtype} volume needs {need} bytes, "
+        raise VlsegError(f"{name}: truncated file (a {shape_str(img.shape)} {dtype} volume needs {need} bytes, "
                          f"found {raw_len})")
 
 
@@ -191,167 +183,11 @@ def _read_voxels(img, name: str) -> np.ndarray:
     except VlsegError:
         raise
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise VlsegError(f"{name}: truncated or corrupt gzip stream ({_first_line(exc)})") from None
+        raise VlsegError(f"{name}: truncated or corrupt gzip stream ({first_line(exc)})") from None
     except MemoryError:
-        raise VlsegError(f"{name}: image too large to load (shape {_shape_str(img.shape)})") from None
+        raise VlsegError(f"{name}: image too large to load (shape {shape_str(img.shape)})") from None
     except Exception as exc:
-        raise VlsegError(f"{name}: unreadable voxel data ({_first_line(exc)})") from None
-
-
-# Formats ITK reads (NRRD from 3D Slicer, MetaImage); NIfTI stays on nibabel, which keeps its header for outputs.
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-
-
-def _read_itk(path: Path) -> nib.Nifti1Image:
-    """An NRRD/MetaImage file → nibabel image with a RAS affine (ITK's direction/origin are LPS)."""
-    if not path.exists():
-        raise VlsegError(f"{path}: file not found")
-    sitk = _sitk(path, f"{path.suffix} files")
-    try:
-        img = sitk.ReadImage(str(path))
-        data = sitk.GetArrayFromImage(img)  # [z, y, x]
-    except RuntimeError as exc:
-        raise VlsegError(f"{path}: unreadable image ({_first_line(exc).strip()})") from None
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise VlsegError(f"{path}: not a 3D image (shape {_shape_str(img.GetSize())}, "
-                         f"{img.GetNumberOfComponentsPerPixel()} components)")
-    return _itk_to_nifti(img, data)
-
-
-def _sitk(path: Path, what: str):
-    """The SimpleITK module, or a one-line error saying ``what`` needs it."""
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        raise VlsegError(f"{path}: reading {what} needs SimpleITK (pip install SimpleITK)") from None
-    return sitk
-
-
-def _itk_to_nifti(img, data: np.ndarray) -> nib.Nifti1Image:
-    """An ITK image's geometry (LPS direction/origin) and its [z, y, x] array → nibabel image with a RAS affine."""
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
-    affine = np.eye(4)
-    affine[:3, :3] = lps_to_ras @ np.asarray(img.GetDirection()).reshape(3, 3) @ np.diag(img.GetSpacing())
-    affine[:3, 3] = lps_to_ras @ np.asarray(img.GetOrigin())
-    return nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), affine)
-
-
-def _dicom_series_ids(sitk, folder: Path) -> tuple[str, ...]:
-    """The Series Instance UIDs GDCM finds among the files directly in ``folder`` (subfolders are not searched)."""
-    # ITK prints a warning of its own when a folder holds no series; the callers say it in one line instead.
-    shown = sitk.ProcessObject_GetGlobalWarningDisplay()
-    sitk.ProcessObject_SetGlobalWarningDisplay(False)
-    try:
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject_SetGlobalWarningDisplay(shown)
-
-
-def is_dicom_series(path) -> bool:
-    """Whether ``path`` is a folder holding (at least) one DICOM series, i.e. something ``load_scan`` reads as DICOM.
-
-    ``load_scan`` treats every folder as a DICOM series and says what is wrong with it; this only looks."""
-    if not isinstance(path, (str, os.PathLike)) or not Path(path).expanduser().is_dir():
-        return False
-    try:
-        import SimpleITK as sitk
-    except ImportError:
-        return False
-    return bool(_dicom_series_ids(sitk, Path(path).expanduser()))
-
-
-def _dicom_vector(value: str, n: int) -> np.ndarray | None:
-    """A DICOM multi-valued decimal string ("a\\b\\c") → n floats, or None when it does not hold n numbers."""
-    try:
-        out = np.array([float(v) for v in value.replace(",", "\\").split("\\")])
-    except ValueError:
-        return None
-    return out if out.shape == (n,) and np.all(np.isfinite(out)) else None
-
-
-def _check_slice_geometry(folder: Path, files, positions: np.ndarray, orientations: np.ndarray, img) -> None:
-    """The slices (sorted as read) must share one orientation and lie evenly spaced along the normal of their image
-    plane, and the grid ITK built must pass through every slice's position.
-
-    ITK only *warns* about a missing slice or uneven spacing, and for a tilted stack (gantry tilt) it silently
-    returns an unsheared grid; in each case the volume's world geometry would be wrong."""
-    if np.max(np.abs(orientations - orientations[0])) > 1e-3:
-        k = int(np.argmax(np.max(np.abs(orientations - orientations[0]), axis=1)))
-        raise VlsegError(f"{folder}: DICOM slices have different orientations (ImageOrientationPatient of "
-                         f"{Path(files[k]).name} differs from {Path(files[0]).name})")
-    normal = np.cross(orientations[0][:3], orientations[0][3:])
-    # Duplicates first, in any order: GDCM cannot sort slices that share a position and falls back to another order.
-    order = np.argsort(positions @ normal)
-    same = np.flatnonzero(np.linalg.norm(np.diff(positions[order], axis=0), axis=1) <= 1e-3)
-    if same.size:
-        a, b = (Path(files[order[same[0] + i]]).name for i in (0, 1))
-        raise VlsegError(f"{folder}: two DICOM slices at the same position ({a} and {b}): duplicate files, or "
-                         f"several series sharing one UID")
-    steps = np.diff(positions, axis=0)
-    gaps = np.linalg.norm(steps, axis=1)
-    tol = 0.01 * float(gaps.mean())  # DS values carry limited digits; 1% of a slice step is far above that
-    if gaps.max() - gaps.min() > tol:
-        raise VlsegError(f"{folder}: DICOM slices are not evenly spaced (gaps from {gaps.min():.4g} to "
-                         f"{gaps.max():.4g} mm): a slice is missing or the series is irregular")
-    along = np.abs(steps @ normal) / gaps
-    if along.min() < 0.9999:
-        angle = float(np.degrees(np.arccos(np.clip(along.min(), -1.0, 1.0))))
-        raise VlsegError(f"{folder}: DICOM slices are not stacked along the normal of the image plane (tilted by "
-                         f"{angle:.2f}°, e.g. gantry tilt); resample the series to an orthogonal grid first")
-    direction = np.asarray(img.GetDirection()).reshape(3, 3)
-    grid = np.asarray(img.GetOrigin()) + np.outer(np.arange(len(files)), direction[:, 2] * img.GetSpacing()[2])
-    off = float(np.max(np.linalg.norm(grid - positions, axis=1)))
-    if off > tol:
-        raise VlsegError(f"{folder}: the DICOM reader's grid misses the slice positions by up to {off:.3g} mm")
-
-
-def _read_dicom(folder: Path) -> nib.Nifti1Image:
-    """A folder holding one DICOM series (any file names) → nibabel image with a RAS affine.
-
-    GDCM groups the files by Series Instance UID and sorts them by position along the slice normal; ITK reads them
-    as one volume (rescale slope/intercept applied, so CT comes out in HU).  ``_check_slice_geometry`` then makes
-    sure that volume's grid really is where the slices are."""
-    sitk = _sitk(folder, "DICOM series")
-    series = _dicom_series_ids(sitk, folder)
-    if not series:
-        subfolders = sum(1 for p in folder.iterdir() if p.is_dir())
-        hint = f" (it has {subfolders} subfolder(s): point at the one holding the slices)" if subfolders else ""
-        raise VlsegError(f"{folder}: no DICOM series found in this folder{hint}")
-    if len(series) > 1:
-        shown = ", ".join(uid or "<empty UID>" for uid in series[:2])
-        raise VlsegError(f"{folder}: holds {len(series)} DICOM series ({shown}{', ...' if len(series) > 2 else ''}); "
-                         f"point at a folder holding one series")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
-    if len(files) < 2:
-        raise VlsegError(f"{folder}: the DICOM series has {len(files)} slice (a 2D image, or a multi-frame file, "
-                         f"which is not supported); a 3D scan needs a series of at least 2 slices")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    reader.MetaDataDictionaryArrayUpdateOn()  # keep each slice's tags: positions are checked below
-    shown = sitk.ProcessObject_GetGlobalWarningDisplay()
-    sitk.ProcessObject_SetGlobalWarningDisplay(False)  # ITK's own spacing warning; the checks below say it once
-    try:
-        img = reader.Execute()
-        data = sitk.GetArrayFromImage(img)  # [z, y, x]
-    except RuntimeError as exc:
-        raise VlsegError(f"{folder}: unreadable DICOM series ({_first_line(exc).strip()})") from None
-    finally:
-        sitk.ProcessObject_SetGlobalWarningDisplay(shown)
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise VlsegError(f"{folder}: not a 3D single-channel series ({img.GetNumberOfComponentsPerPixel()} "
-                         f"components per voxel)")
-    positions, orientations = [], []
-    for k, f in enumerate(files):
-        tags = {key: reader.GetMetaData(k, key) if reader.HasMetaDataKey(k, key) else ""
-                for key in ("0020|0032", "0020|0037")}
-        position, orientation = _dicom_vector(tags["0020|0032"], 3), _dicom_vector(tags["0020|0037"], 6)
-        if position is None or orientation is None:
-            missing = "ImagePositionPatient" if position is None else "ImageOrientationPatient"
-            raise VlsegError(f"{f}: DICOM slice without a readable {missing}")
-        positions.append(position)
-        orientations.append(orientation)
-    _check_slice_geometry(folder, files, np.asarray(positions), np.asarray(orientations), img)
-    return _itk_to_nifti(img, data)
+        raise VlsegError(f"{name}: unreadable voxel data ({first_line(exc)})") from None
 
 
 def load_scan(source) -> Scan:
@@ -372,17 +208,17 @@ def load_scan(source) -> Scan:
         try:
             shape3 = _spatial_shape(img, name)
         except (AttributeError, TypeError) as exc:
-            raise VlsegError(f"{name}: unusable image ({_first_line(exc)})") from None
+            raise VlsegError(f"{name}: unusable image ({first_line(exc)})") from None
     elif isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
         path = Path(source).expanduser()
         name = str(path)
-        img = _read_dicom(path)  # every folder is taken for a DICOM series; _read_dicom says what is wrong with it
+        img = read_dicom(path)  # every folder is taken for a DICOM series; read_dicom says what is wrong with it
         shape3 = _spatial_shape(img, name)
         own_header = False
     elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in ITK_SUFFIXES:
         path = Path(source).expanduser()
         name = str(path)
-        img = _read_itk(path)
+        img = read_itk(path)
         shape3 = _spatial_shape(img, name)
         own_header = False
     elif isinstance(source, (str, os.PathLike)):
@@ -427,7 +263,7 @@ def load_label(path, like: Scan | None = None) -> np.ndarray:
     if like is not None:
         if label.data.shape != like.data.shape:
             raise VlsegError(f"{label.name}: label grid does not match image {like.name}: shape "
-                             f"{_shape_str(label.original_shape)} vs {_shape_str(like.original_shape)}")
+                             f"{shape_str(label.original_shape)} vs {shape_str(like.original_shape)}")
         diff = float(np.max(np.abs(label.affine - like.affine)))
         if diff > 1e-3:
             raise VlsegError(f"{label.name}: label grid does not match image {like.name}: affines differ by up to "
@@ -467,10 +303,10 @@ def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
         raise VlsegError(f"{path}: output name must end in .nii or .nii.gz")
     arr = np.asarray(arr)
     if arr.ndim != 3:
-        raise VlsegError(f"{path}: can only write a 3D array, got shape {_shape_str(arr.shape)}")
+        raise VlsegError(f"{path}: can only write a 3D array, got shape {shape_str(arr.shape)}")
     if arr.shape != scan.data.shape:
-        raise VlsegError(f"{path}: array of shape {_shape_str(arr.shape)} is not on the scan's canonical grid "
-                         f"{_shape_str(scan.data.shape)} ({scan.name})")
+        raise VlsegError(f"{path}: array of shape {shape_str(arr.shape)} is not on the scan's canonical grid "
+                         f"{shape_str(scan.data.shape)} ({scan.name})")
     try:
         dtype = np.dtype(dtype)
     except TypeError:
@@ -497,13 +333,13 @@ def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
         img.set_data_dtype(data.dtype)
         img.header.set_slope_inter(1.0, 0.0)
     except Exception as exc:
-        raise VlsegError(f"{path}: cannot write as NIfTI ({_first_line(exc)})") from None
+        raise VlsegError(f"{path}: cannot write as NIfTI ({first_line(exc)})") from None
 
     try:
         with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
             nib.save(img, tmp)
     except OSError as exc:
-        raise VlsegError(f"{path}: cannot write ({exc.strerror or _first_line(exc)})") from None
+        raise VlsegError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from None
     return path
 
 
@@ -528,7 +364,7 @@ def _interpolate(data, shape, order: int) -> np.ndarray:
     data = np.asarray(data)
     if data.ndim not in (3, 4):
         raise VlsegError(f"resample: expected a 3D [X, Y, Z] or channels-first 4D [C, X, Y, Z] array, "
-                         f"got shape {_shape_str(data.shape)}")
+                         f"got shape {shape_str(data.shape)}")
     if order not in (0, 1):
         raise VlsegError(f"resample: order must be 0 (nearest) or 1 (linear), got {order!r}")
     shape = tuple(int(round(s)) for s in positive_triple(shape, "shape"))
@@ -568,7 +404,7 @@ def resample_to_spacing(data, spacing, target_spacing, order: int = 1) -> np.nda
     target = positive_triple(target_spacing, "target_spacing")
     if data.ndim not in (3, 4):
         raise VlsegError(f"resample: expected a 3D [X, Y, Z] or channels-first 4D [C, X, Y, Z] array, "
-                         f"got shape {_shape_str(data.shape)}")
+                         f"got shape {shape_str(data.shape)}")
     shape = [max(1, int(round(n * s / t))) for n, s, t in zip(data.shape[-3:], spacing, target)]
     return _interpolate(data, shape, order)
 
