@@ -6,7 +6,8 @@
 2. a training crop read from the cache: milliseconds per crop (memory-mapped region read + zoom + queries + lesion
    synthesis where configured, i.e. one ``CropDataset[i]``), and the raw region read alone;
 3. the data loader's samples/s with 2 workers divided by the training step's samples/s (goal ≥ 3: loading never
-   starves training).
+   starves training), the step timed at the precision training resolves to (``train.mixed_precision``; ``auto`` is
+   bf16 on a CPU with AMX), and fp32 beside it when that differs.
 
 Without a manifest on disk, the phantom corpus is generated in a temporary folder and used instead.
 """
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     from vlseg.data.preprocess import open_cache, preprocess_corpus
     from vlseg.losses import LOSSES
     from vlseg.models.network import build_network, prompt_inputs
-    from vlseg.train import preprocess_settings
+    from vlseg.train import preprocess_settings, resolve_mixed_precision
     from vlseg.vocab import Vocabulary
 
     tmp = Path(tempfile.mkdtemp(prefix="vlseg-bench-"))
@@ -114,34 +115,45 @@ def main(argv=None) -> int:
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
     samples = [collate([dataset[i * batch + k] for k in range(batch)]) for i in range(args.train_steps + 2)]
 
-    def step(sample):
-        out = net(sample["image"], prompt_inputs(sample["texts"], text_encoder, "cpu"), sample["query_mask"])
-        parts = loss_fn(out, sample["target"], sample["annotated"], sample["query_mask"])
+    def step(sample, bf16: bool):
+        # the same autocast accelerate applies for mixed_precision="bf16" on a CPU
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(sample["image"], prompt_inputs(sample["texts"], text_encoder, "cpu"), sample["query_mask"])
+            parts = loss_fn(out, sample["target"], sample["annotated"], sample["query_mask"])
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
 
+    def samples_per_s(bf16: bool) -> float:
+        for s in samples[:2]:
+            step(s, bf16)
+        t = time.perf_counter()
+        for s in samples[2:]:
+            step(s, bf16)
+        return args.train_steps * batch / (time.perf_counter() - t)
+
     net.train()
-    for s in samples[:2]:
-        step(s)
-    t = time.perf_counter()
-    for s in samples[2:]:
-        step(s)
-    train_sps = args.train_steps * batch / (time.perf_counter() - t)
+    precision = resolve_mixed_precision(cfg["train"]["mixed_precision"])
+    train_sps = samples_per_s(precision == "bf16")
+    fp32_sps = samples_per_s(False) if precision == "bf16" else train_sps
 
     figures = {
         "manifest": str(manifest), "cases": len(cases), "crop_size": size, "torch_threads": torch.get_num_threads(),
         "preprocess_s_per_case": prep_s / len(cases), "preprocess_workers": int(dcfg["preprocess_workers"]),
         "crop_region_read_ms": read_ms, "training_sample_ms": sample_ms,
         "loader_samples_per_s": loader_sps, "loader_workers": args.workers,
-        "train_samples_per_s": train_sps, "loader_over_train": loader_sps / train_sps,
+        "train_precision": precision, "train_samples_per_s": train_sps, "train_fp32_samples_per_s": fp32_sps,
+        "loader_over_train": loader_sps / train_sps,
     }
     print(f"preprocessing:        {figures['preprocess_s_per_case']:.2f} s/case ({len(cases)} cases, "
           f"{figures['preprocess_workers']} workers)")
     print(f"crop region read:     {read_ms:.2f} ms/crop {size}")
     print(f"training sample:      {sample_ms:.1f} ms/sample (read + zoom + synthesis + queries)")
     print(f"loader ({args.workers} workers):   {loader_sps:.1f} samples/s")
-    print(f"training step:        {train_sps:.2f} samples/s (batch {batch}, {torch.get_num_threads()} threads)")
+    print(f"training step:        {train_sps:.2f} samples/s (batch {batch}, {torch.get_num_threads()} threads, "
+          f"precision {precision})")
+    if precision == "bf16":
+        print(f"  fp32 step:          {fp32_sps:.2f} samples/s  (bf16 / fp32 = {train_sps / fp32_sps:.2f}x)")
     print(f"loader / training:    {figures['loader_over_train']:.1f}x  (goal >= 3)")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
