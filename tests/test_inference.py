@@ -93,3 +93,35 @@ def test_cli_predict(tiny_run, lps_scan, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "report:" in out.stdout and "overlay:" in out.stdout
     assert (tmp_path / "pred" / "liver_tumor.nii.gz").is_file() and (tmp_path / "pred" / "report.json").is_file()
+
+
+def test_working_spacing_override(tiny_run, lps_scan, tmp_path):
+    """``spacing`` replaces the checkpoint's working spacing; the masks still come back on the scan's grid."""
+    coarse = Segmenter.from_pretrained(tiny_run, spacing="8")
+    assert coarse.config["data"]["inference_spacing"] == [8.0, 8.0, 8.0]
+    calls = {"n": 0}
+    encode = coarse.net.encode_image
+
+    def counting(x):
+        calls["n"] += x.shape[0]
+        return encode(x)
+
+    coarse.net.encode_image = counting
+    result = coarse.segment(lps_scan, ["liver"], threshold=0.0, presence_threshold=0.0)
+    assert result.results[0].mask.shape == nib.load(lps_scan).shape
+    assert result.report()["working_spacing_mm"] == [8.0, 8.0, 8.0]
+    default = Segmenter.from_pretrained(tiny_run)
+    before = calls["n"]
+    coarse.config["data"]["inference_spacing"] = default.config["data"]["inference_spacing"]
+    coarse.segment(lps_scan, ["liver"])
+    assert 0 < before < calls["n"] - before  # a coarser grid needs fewer windows
+    assert Segmenter.from_pretrained(tiny_run, spacing=[4, 4, 5]).config["data"]["inference_spacing"] == [4, 4, 5]
+
+
+def test_cli_predict_rejects_a_bad_spacing(tiny_run, lps_scan, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vlseg.cli", "predict", "-m", str(tiny_run), "-i", str(lps_scan),
+                          "-p", "liver", "-o", str(tmp_path / "pred"), "--spacing", "4,0,4"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: spacing: the spacing (mm) must be 3 positive numbers, got ['4', '0', '4']"
+    assert not (tmp_path / "pred").exists()

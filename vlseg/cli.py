@@ -37,6 +37,8 @@ def predict(argv=None) -> int:
     parser.add_argument("--modality", default="CT", help="CT or MR (intensity normalisation)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--no-overlay", action="store_true")
+    parser.add_argument("--spacing", help="the working spacing in mm, one number or x,y,z (default: the one the "
+                        "checkpoint records); the masks are always written on the scan's own grid")
     args = parser.parse_args(argv)
 
     def go():
@@ -45,12 +47,15 @@ def predict(argv=None) -> int:
 
         prompts = validate_prompts(args.prompt)
         scan = load_scan(args.input)  # check the input before importing and loading the model
+        from vlseg.inference import parse_spacing
+
+        spacing = parse_spacing(args.spacing) if args.spacing is not None else None
         from vlseg.checkpoint import resolve_checkpoint
 
         resolve_checkpoint(args.model)
         from vlseg.inference import Segmenter
 
-        segmenter = Segmenter.from_pretrained(args.model, device=args.device)
+        segmenter = Segmenter.from_pretrained(args.model, device=args.device, spacing=spacing)
         result = segmenter.segment(scan, prompts, modality=args.modality)
         files = result.save(args.output, overlay=not args.no_overlay)
         for r in result.results:

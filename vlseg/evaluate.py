@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--all-classes", action="store_true",
                         help="also score annotated classes the model was not trained on (asked by name)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--spacing", help="working spacing in mm, one number or x,y,z (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         from vlseg.inference import Segmenter
 
         ckpt = resolve_checkpoint(args.checkpoint)
-        segmenter = Segmenter.from_pretrained(ckpt, device=args.device)
+        segmenter = Segmenter.from_pretrained(ckpt, device=args.device, spacing=args.spacing)
         manifest = args.manifest or segmenter.config["data"]["manifest"]
         out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
         summary = evaluate(segmenter, manifest, args.split, out, args.nsd_tolerance,

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlseg.io import Scan, load_scan, normalize_intensity, resample_to_shape, resample_to_spacing, save_like
+from vlseg.io import (Scan, load_scan, normalize_intensity, positive_triple, resample_to_shape, resample_to_spacing,
+                      save_like)
 from vlseg.models.network import network_from_checkpoint
 from vlseg.prompts import slug, validate_prompts
 
@@ -99,6 +100,16 @@ class SegmentationResult:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def parse_spacing(value) -> tuple[float, float, float]:
+    """A working spacing given by a user: one number (isotropic), three numbers, or "3" / "4,4,3" from a command
+    line → three positive floats, else a one-line error."""
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", " ").split() if v]
+    if isinstance(value, (int, float)) or (isinstance(value, (list, tuple)) and len(value) == 1):
+        value = list(value) * 3 if isinstance(value, (list, tuple)) else [value] * 3
+    return positive_triple(value, "the spacing (mm)", where="spacing")
+
+
 def working_spacing(dcfg: dict):
     """The spacing the model predicts at: recorded by training (``inference_spacing``), else a fixed
     ``target_spacing``; None keeps the scan's own grid."""
@@ -116,8 +127,11 @@ class Segmenter:
         self.vocabulary, self.config, self.checkpoint = vocabulary, config, checkpoint
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None) -> "Segmenter":
+    def from_pretrained(cls, path: str | Path, device=None, spacing=None) -> "Segmenter":
+        """``spacing`` (mm: one number or three) replaces the working spacing the checkpoint records."""
         net, text_encoder, vocabulary, cfg, meta = network_from_checkpoint(path)
+        if spacing is not None:
+            cfg["data"]["inference_spacing"] = list(parse_spacing(spacing))
         return cls(net, text_encoder, vocabulary, cfg, checkpoint=str(path), device=device)
 
     @torch.no_grad()
@@ -169,4 +183,5 @@ class Segmenter:
                                         int(mask.sum()), int(mask.sum()) * voxel_ml))
         window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
-                                  extra={"device": str(self.device)})
+                                  extra={"device": str(self.device),
+                                         "working_spacing_mm": None if spacing is None else [float(v) for v in spacing]})
