@@ -60,7 +60,8 @@ def test_segment_keeps_the_input_geometry(segmenter, lps_scan, tmp_path):
     assert not list(tmp_path.glob(".vlseg-*"))
 
 
-def test_backbone_runs_once_per_window_for_all_prompts(segmenter, lps_scan):
+def count_windows(segmenter) -> dict:
+    """Make ``segmenter`` count the windows its image encoder sees, in the returned ``{"n": ...}``."""
     calls = {"n": 0}
     encode = segmenter.net.encode_image
 
@@ -69,6 +70,11 @@ def test_backbone_runs_once_per_window_for_all_prompts(segmenter, lps_scan):
         return encode(x)
 
     segmenter.net.encode_image = counting
+    return calls
+
+
+def test_backbone_runs_once_per_window_for_all_prompts(segmenter, lps_scan):
+    calls = count_windows(segmenter)
     try:
         segmenter.segment(lps_scan, ["liver"])
         one = calls["n"]
@@ -99,14 +105,7 @@ def test_working_spacing_override(tiny_run, lps_scan, tmp_path):
     """``spacing`` replaces the checkpoint's working spacing; the masks still come back on the scan's grid."""
     coarse = Segmenter.from_pretrained(tiny_run, spacing="8")
     assert coarse.config["data"]["inference_spacing"] == [8.0, 8.0, 8.0]
-    calls = {"n": 0}
-    encode = coarse.net.encode_image
-
-    def counting(x):
-        calls["n"] += x.shape[0]
-        return encode(x)
-
-    coarse.net.encode_image = counting
+    calls = count_windows(coarse)
     result = coarse.segment(lps_scan, ["liver"], threshold=0.0, presence_threshold=0.0)
     assert result.results[0].mask.shape == nib.load(lps_scan).shape
     assert result.report()["working_spacing_mm"] == [8.0, 8.0, 8.0]
