@@ -121,13 +121,9 @@ def test_real_patient_b_liver_on_the_viewers_left_spleen_on_the_right(tmp_path):
     scan = load_scan(real / "dicom")
     label = load_label(real / "label.nii.gz", like=scan)
     masks = {"liver": label == 5, "spleen": label == 1}
-    png = save_overlay(scan.data, masks, tmp_path / "b.png", spacing=scan.spacing, window=(-200.0, 300.0))
-    with Image.open(png) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    nx, ny, _ = scan.data.shape
-    sx, sy, _ = scan.spacing
-    axial_w = min(round(PANEL_MIN * nx * sx / (ny * sy)), round(MAX_ASPECT * PANEL_MIN))
-    axial = rgb[:PANEL_MIN, :axial_w]
+    widths = panel_widths(scan.data.shape, scan.spacing)
+    axial_w = widths[0]
+    axial = panels(render(tmp_path, masks, image=scan.data, spacing=scan.spacing, window=(-200.0, 300.0)), widths)[0]
     liver_cols, spleen_cols = where(axial, COLOURS[0])[1], where(axial, COLOURS[1])[1]
     assert len(liver_cols) > 20 and len(spleen_cols) > 20
     assert liver_cols.mean() < axial_w / 2 < spleen_cols.mean()

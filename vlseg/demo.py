@@ -33,7 +33,7 @@ def main(argv=None) -> int:
         from vlseg.data.manifest import read_manifest
         from vlseg.evaluate import evaluate, format_table
         from vlseg.inference import Segmenter
-        from vlseg.train import cache_dir, preprocess_settings, train
+        from vlseg.train import cache_dir, load_training_cases, train
 
         t0 = time.perf_counter()
         data = Path(args.data or ("data/phantoms" if args.phantoms else "data/real"))
@@ -53,15 +53,11 @@ def main(argv=None) -> int:
             build(data, Path(args.downloads))
         cfg = load_config(config, [f"data.manifest={manifest}", *args.overrides])
 
-        from vlseg.data.preprocess import preprocess_corpus
-
-        cases = read_manifest(manifest, split=cfg["data"]["train_split"])
-        print(f"[2/5] preprocessing {len(cases)} training case(s) into {cache_dir(cfg)}")
+        print(f"[2/5] preprocessing the training cases into {cache_dir(cfg)}")
         t_prep = time.perf_counter()
-        report = preprocess_corpus(cases, cache_dir(cfg), preprocess_settings(cfg),
-                                   workers=int(cfg["data"]["preprocess_workers"]))
-        print(f"      {len(report['written'])} written, {len(report['skipped'])} up to date "
-              f"({time.perf_counter() - t_prep:.0f} s)")
+        # the same call training makes (one-line error for a case that fails); training then finds the cache current
+        cases = load_training_cases(cfg, cfg["data"]["train_split"])
+        print(f"      {len(cases)} case(s) ready ({time.perf_counter() - t_prep:.0f} s)")
         print(f"[3/5] training {cfg['run_name']} for {cfg['train']['steps']} steps")
         t_train = time.perf_counter()
         run_dir = train(cfg, overwrite=True)

@@ -104,9 +104,11 @@ def parse_spacing(value) -> tuple[float, float, float]:
     """A working spacing given by a user: one number (isotropic), three numbers, or "3" / "4,4,3" from a command
     line → three positive floats, else a one-line error."""
     if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split() if v]
-    if isinstance(value, (int, float)) or (isinstance(value, (list, tuple)) and len(value) == 1):
-        value = list(value) * 3 if isinstance(value, (list, tuple)) else [value] * 3
+        value = value.replace(",", " ").split()
+    elif isinstance(value, (int, float)):
+        value = [value]
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = list(value) * 3
     return positive_triple(value, "the spacing (mm)", where="spacing")
 
 

@@ -41,7 +41,7 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU has AMX tiles, on which oneDNN runs bf16 convolutions.  There a training step of
-    configs/real.yaml's network takes less than half its fp32 time (``benchmarks/train_step.py``); without AMX,
+    configs/real.yaml's network runs about twice as fast (``benchmarks/data_pipeline.py`` times both); without AMX,
     bf16 autocast of 3D convolutions is slower than fp32."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so absent or failing means "no"
     try:
