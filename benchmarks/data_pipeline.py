@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     from vlseg.data.preprocess import open_cache, preprocess_corpus
     from vlseg.losses import LOSSES
     from vlseg.models.network import build_network, prompt_inputs
-    from vlseg.train import preprocess_settings, resolve_mixed_precision
+    from vlseg.distributed import resolve_mixed_precision
+    from vlseg.train import preprocess_settings
     from vlseg.vocab import Vocabulary
 
     tmp = Path(tempfile.mkdtemp(prefix="vlseg-bench-"))

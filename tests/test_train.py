@@ -94,7 +94,7 @@ def test_train_cli_reports_bad_config_in_one_line(tmp_path):
 
 
 def test_mixed_precision_choice_and_bf16_step(tmp_path, phantom_corpus, tiny_bert_dir):
-    from vlseg.train import cpu_has_fast_bf16, resolve_mixed_precision
+    from vlseg.distributed import cpu_has_fast_bf16, resolve_mixed_precision
 
     assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("bf16") == "bf16"
     if not torch.cuda.is_available():

@@ -5,9 +5,12 @@ Layout of a run::
     checkpoints/<run>/config.yaml            resolved config of the run
     checkpoints/<run>/latest                 name of the newest complete checkpoint
     checkpoints/<run>/checkpoint-0000500/
-        model.safetensors                    network weights (a trained text encoder included, a frozen one not)
-        vlseg.json                           format, step, resolved config, vocabulary, text-encoder identity
-        training_state/                      optimiser, scheduler and RNG state (accelerate), for --resume
+        model.safetensors                    fp32 network weights (a trained text encoder included, a frozen one not),
+                                             consolidated from DeepSpeed's partitions when it trained with ZeRO
+        vlseg.json                           format, step, resolved config, vocabulary, text-encoder identity,
+                                             how the run was distributed (strategy, ZeRO stage, processes)
+        training_state/                      optimiser and RNG state (accelerate, or DeepSpeed's per-rank files),
+                                             for --resume; `vlseg export` writes a copy without it
 
 Every checkpoint is written under a temporary name and renamed when complete, so a crash never leaves a directory
 that looks valid but is half written.
@@ -18,13 +21,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlseg.atomic import atomic_path
+from vlseg.atomic import atomic_dir, atomic_path
 from vlseg.errors import VlsegError
 
 FORMAT = 1
@@ -36,27 +41,48 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:07d}"
 
 
-def save_checkpoint(run_dir: Path, step: int, state_dict: dict, meta: dict, save_training_state=None,
-                    keep: int | None = None) -> Path:
-    """Write ``run_dir/checkpoint-<step>`` atomically. ``save_training_state(folder)`` adds resumable state."""
+def save_checkpoint(run_dir: Path, step: int, weights, meta: dict, save_training_state=None,
+                    keep: int | None = None, is_main: bool = True, barrier=None) -> Path:
+    """Write ``run_dir/checkpoint-<step>`` atomically; every process of a run calls this at the same step.
+
+    ``save_training_state(folder)`` (all processes: DeepSpeed writes its optimiser partitions from each rank) adds the
+    resumable state; ``weights`` is the network's state dict, or a function of the temporary checkpoint folder that
+    returns it once the training state is on disk (DeepSpeed's weights are consolidated from there).  Only the main
+    process writes the rest, renames the folder into place and prunes all but the last ``keep`` checkpoints.
+    """
     run_dir = Path(run_dir)
+    barrier = barrier or (lambda: None)
     final = run_dir / checkpoint_name(step)
-    tmp = run_dir / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(tmp / WEIGHTS))
-    (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, "saved_at": time.time(), **meta}, indent=1))
+    tmp = run_dir / f".tmp-{checkpoint_name(step)}"  # the same name on every process
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a process killed while writing
+        tmp.mkdir(parents=True)
+    barrier()
     if save_training_state is not None:
         save_training_state(tmp / "training_state")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    with atomic_path(run_dir / "latest") as tmp:
-        tmp.write_text(final.name + "\n")
-    if keep:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    if is_main:
+        state = weights(tmp) if callable(weights) else weights
+        save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+                   for k, v in state.items()}, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, "saved_at": time.time(), **meta},
+                                           indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        with atomic_path(run_dir / "latest") as latest:
+            latest.write_text(final.name + "\n")
+        if keep:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete temporary folders of checkpoints whose writing was interrupted."""
+    for tmp in Path(run_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -71,11 +97,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / META).is_file():
         return path
     if path.is_dir():
-        latest = path / "latest"
-        if latest.is_file():
-            candidate = path / latest.read_text().strip()
-            if (candidate / META).is_file():
-                return candidate
+        # The newest complete checkpoint: a folder only gets its final name once complete, so whatever ``latest``
+        # says (it is written just after the rename, and a kill can fall in between), the highest step is right.
         found = list_checkpoints(path)
         if found:
             return found[-1]
@@ -108,3 +131,60 @@ def load_network_state(net: torch.nn.Module, state: dict, source: Path) -> None:
     if missing or unexpected:
         raise VlsegError(f"{source}: weights do not match the configured network "
                          f"(missing {len(missing)}, unexpected {len(unexpected)}, e.g. {(missing or unexpected)[0]})")
+
+
+# accelerate saves a DeepSpeed engine under this tag inside ``training_state/``.
+DEEPSPEED_TAG = "pytorch_model"
+
+
+def deepspeed_fp32_weights(training_state: Path) -> dict:
+    """One fp32 state dict from a DeepSpeed checkpoint (ZeRO partitions and 16-bit optimisers included), through
+    DeepSpeed's own consolidation."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(training_state), tag=DEEPSPEED_TAG)
+
+
+def deepspeed_to_universal(training_state: Path, out: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format, which loads on any number of processes and ZeRO
+    stage; accelerate's own files (RNG states) are copied beside it.  DeepSpeed's converter runs as a command."""
+    training_state, out = Path(training_state), Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+           str(training_state / DEEPSPEED_TAG), "--output_folder", str(out / DEEPSPEED_TAG), "--inject_missing_state",
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise VlsegError(f"{training_state}: DeepSpeed could not convert this checkpoint to its universal format "
+                         f"({last})")
+    for item in training_state.iterdir():
+        if item.is_file() and item.name != "latest":
+            shutil.copy2(item, out / item.name)
+    return out
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> Path:
+    """Write a release copy of a checkpoint: its consolidated fp32 weights and metadata, without the training state.
+    A DeepSpeed checkpoint's weights are consolidated again from its partitions (so a checkpoint whose
+    ``model.safetensors`` is missing or stale is repaired)."""
+    source = resolve_checkpoint(source)
+    meta_path = source / META
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VlsegError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
+    strategy = (meta.get("distributed") or {}).get("strategy", "ddp")
+    if strategy == "deepspeed" and (source / "training_state" / DEEPSPEED_TAG).is_dir():
+        state = deepspeed_fp32_weights(source / "training_state")
+    else:
+        _, _, state = read_checkpoint(source)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise VlsegError(f"{out}: already exists and is not empty")
+    with atomic_dir(out) as tmp:
+        save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in state.items()}, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=1))
+    return out

@@ -86,7 +86,11 @@ DEFAULTS: dict[str, Any] = {
     },
     "train": {
         "steps": 1000,
-        "batch_size": 2,
+        "batch_size": 2,  # global: samples per optimiser step over all processes and accumulation micro-steps
+        "grad_accum": 1,  # micro-steps per optimiser step on each process
+        "deepspeed": None,  # a DeepSpeed JSON (configs/deepspeed/zero2.json ...); None: DDP / a single process
+        "activation_checkpointing": False,  # recompute U-Net stages and decoder layers in backward (less memory)
+        "init_from": None,  # start from these weights (a checkpoint or run), with a fresh optimiser and schedule
         "lr": 0.002,
         "weight_decay": 0.01,
         "warmup_steps": 50,

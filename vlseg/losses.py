@@ -46,24 +46,34 @@ class SegmentationLoss(nn.Module):
         real = query_mask.bool()
         return real & annotated.bool() if self.partial_labels == "masked" else real
 
-    def forward(self, outputs: dict, target: torch.Tensor, annotated: torch.Tensor, query_mask: torch.Tensor) -> dict:
+    def forward(self, outputs: dict, target: torch.Tensor, annotated: torch.Tensor, query_mask: torch.Tensor,
+                normalizer: float | None = None) -> dict:
         """``target [B, Q, *spatial]`` binary (zeros where the class is not annotated), ``annotated`` and
-        ``query_mask`` ``[B, Q]``.  Returns the total ``loss`` and its parts (detached) for logging."""
+        ``query_mask`` ``[B, Q]``.  Returns the total ``loss``, its parts (detached means) and, for logging by dataset,
+        ``pairs``: ``[n, 4]`` per supervised pair (total, bce, dice, presence) with ``pair_sample`` ``[n]``.
+
+        ``loss`` is the mean over the batch's supervised pairs, or their sum divided by ``normalizer``: a run split over
+        processes and micro-batches passes the step's global pair count, so the summed gradients are exactly those of
+        the mean over the whole global batch."""
         logits, presence = outputs["mask_logits"], outputs["presence_logits"]
         keep = self.supervised(annotated, query_mask)
         n = int(keep.sum())
         if n == 0:
             zero = logits.sum() * 0.0 + presence.sum() * 0.0
-            return {"loss": zero, "bce": zero.detach(), "dice": zero.detach(), "presence": zero.detach(), "n": 0}
+            return {"loss": zero, "bce": zero.detach(), "dice": zero.detach(), "presence": zero.detach(), "n": 0,
+                    "pairs": torch.zeros((0, 4)), "pair_sample": torch.zeros(0, dtype=torch.long)}
         lg = logits[keep].flatten(1).float()  # [n, V] — unsupervised queries never enter the graph below
         tg = target[keep].flatten(1).float()
         bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").mean(-1)
         dice = soft_dice_loss(torch.sigmoid(lg), tg, self.empty_kappa)
         present = (tg.amax(-1) > 0).float()
         pres = F.binary_cross_entropy_with_logits(presence[keep].float(), present, reduction="none")
-        total = (self.bce_weight * bce + self.dice_weight * dice + self.presence_weight * pres).mean()
+        per_pair = self.bce_weight * bce + self.dice_weight * dice + self.presence_weight * pres
+        total = per_pair.mean() if normalizer is None else per_pair.sum() / normalizer
         return {"loss": total, "bce": bce.mean().detach(), "dice": dice.mean().detach(),
-                "presence": pres.mean().detach(), "n": n}
+                "presence": pres.mean().detach(), "n": n,
+                "pairs": torch.stack([per_pair, bce, dice, pres], 1).detach().cpu(),
+                "pair_sample": keep.nonzero()[:, 0].cpu()}
 
 
 @LOSSES.register("masked")

@@ -1,8 +1,10 @@
-"""Training: ``python train.py --config configs/<name>.yaml [key=value ...] [--resume RUN_OR_CHECKPOINT]``.
+"""Training: ``python train.py --config configs/<name>.yaml [key=value ...] [--resume RUN_OR_CHECKPOINT|auto]``.
 
-Built on accelerate, so the same loop runs on a CPU, one GPU, or (issue #4) DeepSpeed.  AdamW with linear warm-up and
-cosine decay, gradient clipping, mixed precision where the device supports it, seeded and index-determined data, a
-progress bar with the loss, TensorBoard scalars, the resolved config saved with the run, periodic atomic checkpoints.
+The same loop runs in one process, under DDP, or under DeepSpeed ZeRO (``train.deepspeed``), launched by ``python``,
+``torchrun``, ``accelerate launch`` or ``deepspeed`` (vlseg.distributed explains how a step is split).  AdamW with
+linear warm-up and cosine decay, gradient clipping, mixed precision where the device supports it, index-determined data,
+a progress bar with the loss, TensorBoard scalars (overall and per dataset, throughput, peak memory) from the main
+process, the resolved config saved with the run, periodic and on-SIGTERM atomic checkpoints.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -20,14 +22,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vlseg.checkpoint import list_checkpoints, load_network_state, read_checkpoint, save_checkpoint
+from vlseg.checkpoint import (deepspeed_fp32_weights, deepspeed_to_universal, list_checkpoints, load_network_state,
+                              read_checkpoint, remove_partial_checkpoints, save_checkpoint)
 from vlseg.config import apply_overrides, load_config, save_config
 from vlseg.data.crops import CropDataset, collate, synthesis_plan
 from vlseg.data.manifest import read_manifest
 from vlseg.data.preprocess import default_cache_dir, open_cache, preprocess_corpus
+from vlseg.data.sampler import StepShardSampler
+from vlseg.distributed import (all_reduce, broadcast_embeddings, deepspeed_config, finish, launched_world,
+                               make_accelerator, resolve_mixed_precision, unpartitioned_construction, zero_stage)
 from vlseg.errors import VlsegError
 from vlseg.losses import LOSSES
 from vlseg.models.network import build_network, prompt_inputs
+from vlseg.preemption import PREEMPTED_EXIT, Preempted, PreemptionFlag
 from vlseg.vocab import Vocabulary
 
 
@@ -37,40 +44,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has AMX tiles, on which oneDNN runs bf16 convolutions.  There a training step of
-    configs/real.yaml's network runs about twice as fast (``benchmarks/data_pipeline.py`` times both); without AMX,
-    bf16 autocast of 3D convolutions is slower than fp32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so absent or failing means "no"
-    try:
-        return bool(probe is not None and probe())
-    except Exception:
-        return False
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """``auto``: bf16 on a GPU that has it (else fp16); on a CPU, bf16 where it is fast (AMX), else fp32."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
-
-
-def make_accelerator(cfg: dict):
-    if not torch.cuda.is_available():
-        # accelerate's checkpointing imports DeepSpeed, which otherwise warns on every save that it fell back to CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # accelerate keeps one process-wide state and refuses a second Accelerator with other settings; a process that
-    # trains several runs (a notebook, an ablation loop, the tests) starts each run from a clean state.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(mixed_precision=resolve_mixed_precision(cfg["train"]["mixed_precision"]),
-                       cpu=not torch.cuda.is_available())
 
 
 def preprocess_settings(cfg: dict) -> dict:
@@ -117,28 +90,69 @@ def inference_spacing(cfg: dict, cases: list) -> list[float] | None:
     return [float(v) for v in np.median(np.array([c.spacing for c in cases], dtype=float), axis=0)]
 
 
-def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
-    """Run (or continue) training; returns the run directory."""
-    tcfg, dcfg = cfg["train"], cfg["data"]
+def distribution(cfg: dict, world_size: int) -> dict:
+    """How a run is distributed, as its checkpoints record it."""
+    ds = deepspeed_config(cfg, world_size)
+    return {"strategy": "deepspeed" if ds else "ddp", "zero_stage": zero_stage(ds), "world_size": world_size,
+            "deepspeed_config": ds}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far: allocated GPU memory on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _resume_source(cfg: dict, resume, overwrite: bool, main: bool):
+    """Resolve ``resume`` (``"auto"``: this run's newest checkpoint if it has one) and prepare the run directory."""
     run_dir = Path(cfg["output_root"]) / cfg["run_name"]
+    if resume == "auto":
+        resume = run_dir if list_checkpoints(run_dir) else None
+    if resume is None and list_checkpoints(run_dir):
+        if not overwrite:
+            raise VlsegError(f"{run_dir}: run already has checkpoints; pass --resume {run_dir} (or --resume auto), "
+                             f"--overwrite, or choose another run_name=")
+        if main:
+            shutil.rmtree(run_dir)
+    return run_dir, resume
+
+
+def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run (or continue) training on every process of the launch; returns the run directory.
+
+    Raises ``Preempted`` after writing a checkpoint when SIGTERM/SIGUSR1 arrived during training."""
+    tcfg, dcfg = cfg["train"], cfg["data"]
+    world_size, rank = launched_world()
+    run_dir, resume = _resume_source(cfg, resume, overwrite, rank == 0)
     ckpt_dir = meta = state = None
     if resume is not None:
         ckpt_dir, meta, state = read_checkpoint(resume)
-    elif list_checkpoints(run_dir):
-        if not overwrite:
-            raise VlsegError(f"{run_dir}: run already has checkpoints; pass --resume {run_dir}, --overwrite, "
-                             f"or choose another run_name=")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    dist_now = distribution(cfg, world_size)
+    universal = False
+    if meta is not None:
+        saved = meta.get("distributed") or {"strategy": "ddp", "zero_stage": None, "world_size": 1}
+        if saved["strategy"] != dist_now["strategy"]:
+            raise VlsegError(f"{ckpt_dir}: trained with {saved['strategy']}, resumed with {dist_now['strategy']}; "
+                             f"resume with the same train.deepspeed, or start a new run from its weights with "
+                             f"train.init_from={ckpt_dir}")
+        # ZeRO's optimiser state is partitioned per process: another process count or stage needs DeepSpeed's
+        # universal format, converted below.
+        universal = saved["strategy"] == "deepspeed" and (saved["world_size"], saved["zero_stage"]) != (
+            world_size, dist_now["zero_stage"])
+    if rank == 0:  # only the main process touches the run directory before the process group exists
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
     if tcfg.get("threads"):
         torch.set_num_threads(int(tcfg["threads"]))
 
     from accelerate.utils import set_seed
 
     set_seed(int(cfg["seed"]))
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
+    accelerator = make_accelerator(cfg, universal=universal)
+    main, world_size, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    on_deepspeed = dist_now["strategy"] == "deepspeed"
     cases = load_training_cases(cfg, dcfg["train_split"], progress and main, accelerator)
     if meta is None:  # the model knows the canonical classes its training corpus annotates (or synthesises)
         full = Vocabulary.load(cfg["vocabulary"])
@@ -151,35 +165,51 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
             annotated &= chosen
         vocabulary = full.subset(annotated, source=str(dcfg["manifest"]))
         dcfg["inference_spacing"] = inference_spacing(cfg, cases)
-        save_config(cfg, run_dir / "config.yaml")
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
     else:
         vocabulary = Vocabulary.from_dict(meta["vocabulary"])
     # Cases whose dataset annotates none of the model's classes have nothing to train on.
     cases = [cc for cc in cases if any(n in vocabulary.names for n in cc.case.classes)] or cases
-    net, text_encoder = build_network(cfg, vocabulary)
+    with unpartitioned_construction():
+        net, text_encoder = build_network(cfg, vocabulary)
     if state is not None:
         trained_with = meta["text_encoder"].get("fingerprint")
         if trained_with != text_encoder.identity().get("fingerprint"):
             raise VlsegError(f"{ckpt_dir}: the configured text encoder is not the one this run was trained with "
                              f"(fingerprint {text_encoder.identity().get('fingerprint')} vs {trained_with})")
         load_network_state(net, state, ckpt_dir)
-    with torch.no_grad():  # a frozen encoder's cache is filled here; steps then only look embeddings up
-        vocab_embeddings = text_encoder.encode(vocabulary.all_texts())
-    if state is None:
+    elif tcfg.get("init_from"):
+        init_dir, _, init_state = read_checkpoint(tcfg["init_from"])
+        load_network_state(net, init_state, init_dir)
+    # A frozen encoder's embeddings are computed once, on the main process; the others receive them.
+    vocab_embeddings = broadcast_embeddings(text_encoder, vocabulary.all_texts(), main)
+    if state is None and not tcfg.get("init_from"):
         net.calibrate_prompts(vocab_embeddings)
+    net.set_activation_checkpointing(bool(tcfg.get("activation_checkpointing")))
     loss_fn = LOSSES.build(cfg["loss"])
     params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
-    steps = int(tcfg["steps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, int(tcfg["warmup_steps"]), steps, float(tcfg["min_lr_ratio"])))
-    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    base_lr = float(tcfg["lr"])
+    optimizer = torch.optim.AdamW(params, lr=base_lr, weight_decay=float(tcfg["weight_decay"]))
+    steps, warmup, min_ratio = int(tcfg["steps"]), int(tcfg["warmup_steps"]), float(tcfg["min_lr_ratio"])
+    # The learning rate is a function of the step, set on the optimiser each step: nothing to save or resume, and
+    # the same under DDP and DeepSpeed (whose engine would otherwise step a scheduler of its own as well).
+    net, optimizer = accelerator.prepare(net, optimizer)
     start = 0
     if ckpt_dir is not None:
-        accelerator.load_state(str(ckpt_dir / "training_state"))
+        source = ckpt_dir / "training_state"
+        if universal:
+            source = run_dir / ".universal-resume"
+            if main:
+                deepspeed_to_universal(ckpt_dir / "training_state", source)
+            accelerator.wait_for_everyone()
+        accelerator.load_state(str(source))
+        accelerator.wait_for_everyone()
+        if universal and main:
+            shutil.rmtree(source, ignore_errors=True)
         start = int(meta["step"])
 
-    batch = int(tcfg["batch_size"])
+    batch, accum = int(tcfg["batch_size"]), int(tcfg["grad_accum"])
     dataset = CropDataset(cases, vocabulary, dcfg["crop_size"], seed=int(cfg["seed"]),
                           foreground_prob=float(dcfg["foreground_prob"]), max_queries=int(dcfg["max_queries"]),
                           synonyms=bool(dcfg["synonyms"]), query_unannotated=loss_fn.partial_labels == "naive",
@@ -189,75 +219,137 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
                           synthesis=synthesis_plan(dcfg["synthesis"], cases, vocabulary, dcfg["ct_window"]),
                           thin_prob=float(dcfg["thin_prob"]), thin_slices=dcfg["thin_slices"],
                           intensity_scale=dcfg["intensity_scale"], intensity_shift=float(dcfg["intensity_shift"]))
-    indices = list(range(start * batch, steps * batch))  # sample i of the run is always dataset[i]
-    loader = DataLoader(dataset, batch_size=batch, sampler=indices, collate_fn=collate,
-                        num_workers=int(dcfg["num_workers"]))
+    sampler = StepShardSampler(batch, world_size, rank, accum, start_step=start, end_step=steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=int(dcfg["num_workers"]))
+    datasets = list(dataset.dataset_names)
+    voxels_per_sample = int(np.prod(dcfg["crop_size"]))
 
+    saved_dist = {k: v for k, v in dist_now.items() if k != "deepspeed_config"} | {"world_size": world_size}
     meta_out = {"config": cfg, "vocabulary": vocabulary.to_dict(), "text_encoder": text_encoder.identity(),
-                "run_name": cfg["run_name"]}
+                "run_name": cfg["run_name"], "distributed": saved_dist}
+    stage = dist_now["zero_stage"]
+    precision = resolve_mixed_precision(tcfg["mixed_precision"])
+
+    def weights(folder: Path) -> dict:
+        if on_deepspeed and (stage or precision != "no"):
+            # ZeRO partitions (and DeepSpeed's bf16/fp16 optimisers) keep the fp32 master weights in the optimiser
+            # state: consolidate them from the files just written, not from the (possibly 16-bit) module.
+            return deepspeed_fp32_weights(folder / "training_state")
+        return accelerator.unwrap_model(net).state_dict()
 
     def checkpoint(step: int) -> Path:
-        accelerator.wait_for_everyone()
-        if not main:
-            return run_dir
-        return save_checkpoint(run_dir, step, accelerator.unwrap_model(net).state_dict(), meta_out,
+        return save_checkpoint(run_dir, step, weights, meta_out,
                                save_training_state=lambda folder: accelerator.save_state(str(folder)),
-                               keep=tcfg.get("keep_checkpoints"))
+                               keep=tcfg.get("keep_checkpoints"), is_main=main, barrier=accelerator.wait_for_everyone)
 
     writer = None
+    log_path = run_dir / "metrics.jsonl"
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
-    log_path = run_dir / "metrics.jsonl"
-    if main and start == 0:
-        log_path.write_text("")
+        kept = []
+        if start and log_path.is_file():  # a resumed run's log continues from its checkpoint, not from the crash
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
     bar = tqdm(total=steps, initial=start, desc=cfg["run_name"], disable=not (progress and main), dynamic_ncols=True)
-    device, t_last, step = accelerator.device, time.perf_counter(), start
-    for step, sample in enumerate(loader, start=start + 1):
-        net.train()
-        prompts = prompt_inputs(sample["texts"], text_encoder, device)
-        with accelerator.autocast():
-            out = net(sample["image"].to(device), prompts, sample["query_mask"].to(device))
-        parts = loss_fn(out, sample["target"].to(device), sample["annotated"].to(device),
-                        sample["query_mask"].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(parts["loss"])
-        grad_norm = accelerator.clip_grad_norm_(net.parameters(), float(tcfg["grad_clip"]))
-        optimizer.step()
-        scheduler.step()
-        record = {"step": step, "loss": float(parts["loss"].detach()), "bce": float(parts["bce"]),
-                  "dice": float(parts["dice"]), "presence": float(parts["presence"]),
-                  "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-        if main:
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", dice=f"{record['dice']:.3f}")
-            if step % int(tcfg["log_every"]) == 0 or step == steps:
+    device = accelerator.device
+    # DeepSpeed holds a 16-bit model under bf16/fp16 (no autocast): its inputs must match.
+    input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if on_deepspeed else None
+    window = torch.zeros(len(datasets), 2, dtype=torch.float64)  # per-dataset loss sum and pair count since last log
+    t_last, step, last_saved, grad_norm = time.perf_counter(), start, None, None
+    batches = iter(loader)
+    with PreemptionFlag() as stop:
+        for step in range(start + 1, steps + 1):
+            micros = [next(batches) for _ in range(accum)]
+            # The loss is normalised by the step's supervised pairs over all processes and micro-batches, so the
+            # gradient is that of the global batch's mean, however the batch is split (vlseg.losses).
+            n_local = sum(int(loss_fn.supervised(m["annotated"], m["query_mask"]).sum()) for m in micros)
+            n_global = float(all_reduce(torch.tensor([n_local], dtype=torch.float64))[0])
+            # accelerate (or DeepSpeed) divides by the accumulation steps and DDP averages over processes: undo both.
+            scale = world_size * accum / max(n_global, 1.0)
+            lr = base_lr * lr_factor(step - 1, warmup, steps, min_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats = torch.zeros(len(datasets), 5, dtype=torch.float64)  # per dataset: loss, bce, dice, presence, n
+            net.train()
+            for m in micros:
+                with accelerator.accumulate(net):
+                    prompts = prompt_inputs(m["texts"], text_encoder, device)
+                    image = m["image"].to(device)
+                    if input_dtype is not None:
+                        image = image.to(input_dtype)
+                        prompts = prompts.to(input_dtype) if isinstance(prompts, torch.Tensor) else prompts
+                    with accelerator.autocast():
+                        out = net(image, prompts, m["query_mask"].to(device))
+                    parts = loss_fn(out, m["target"].to(device), m["annotated"].to(device),
+                                    m["query_mask"].to(device), normalizer=1.0)
+                    accelerator.backward(parts["loss"] * scale)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(net.parameters(), float(tcfg["grad_clip"]))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                rows = torch.tensor([datasets.index(m["dataset"][i]) for i in parts["pair_sample"].tolist()],
+                                    dtype=torch.long)
+                stats[:, :4].index_add_(0, rows, parts["pairs"].double())
+                stats[:, 4].index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+            stats = all_reduce(stats)
+            n = max(float(stats[:, 4].sum()), 1.0)
+            window += stats[:, [0, 4]]
+            record = {"step": step, "loss": float(stats[:, 0].sum()) / n, "bce": float(stats[:, 1].sum()) / n,
+                      "dice": float(stats[:, 2].sum()) / n, "presence": float(stats[:, 3].sum()) / n,
+                      "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "lr": lr,
+                      "datasets": {d: float(stats[i, 0] / stats[i, 4]) for i, d in enumerate(datasets)
+                                   if stats[i, 4] > 0}}
+            log_now = step % int(tcfg["log_every"]) == 0 or step == steps
+            if log_now:  # every process takes part in the reduction of peak memory
                 now = time.perf_counter()
-                for key in ("loss", "bce", "dice", "presence", "grad_norm", "lr"):
-                    writer.add_scalar(f"train/{key}", record[key], step)
-                writer.add_scalar("train/samples_per_s", batch * int(tcfg["log_every"]) / max(now - t_last, 1e-9),
-                                  step)
+                samples_per_s = batch * (step - max(start, step - int(tcfg["log_every"]))) / max(now - t_last, 1e-9)
                 t_last = now
-        if step % int(tcfg["checkpoint_every"]) == 0 and step != steps:
-            checkpoint(step)
+                record.update(samples_per_s=samples_per_s, voxels_per_s=samples_per_s * voxels_per_sample,
+                              peak_memory_mb=float(all_reduce(torch.tensor([peak_memory_mb(device)]), "max")[0]))
+            if main:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", dice=f"{record['dice']:.3f}")
+                if log_now:
+                    for key in ("loss", "bce", "dice", "presence", "grad_norm", "lr", "samples_per_s", "voxels_per_s",
+                                "peak_memory_mb"):
+                        writer.add_scalar(f"train/{key}", record[key], step)
+                    for i, d in enumerate(datasets):
+                        if window[i, 1] > 0:
+                            writer.add_scalar(f"loss_by_dataset/{d}", float(window[i, 0] / window[i, 1]), step)
+            if log_now:
+                window.zero_()
+            preempted = bool(all_reduce(torch.tensor([float(bool(stop))]), "max")[0])
+            if preempted or step % int(tcfg["checkpoint_every"]) == 0 or step == steps:
+                checkpoint(step)
+                last_saved = step
+            if preempted:
+                break
+        signal_name = stop.signal_name
     bar.close()
-    if step > start or not list_checkpoints(run_dir):
+    if last_saved != step and (step > start or not list_checkpoints(run_dir)):
         checkpoint(step)
     if writer is not None:
         writer.close()
     accelerator.end_training()
+    finish()
+    if step < steps:
+        raise Preempted(run_dir, step, signal_name)
     return run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.py", description="Train a text-prompted 3D segmenter.")
     parser.add_argument("--config", help="experiment YAML (configs/...); defaults apply where it is silent")
-    parser.add_argument("--resume", help="run or checkpoint directory to continue from (its config is reused)")
+    parser.add_argument("--resume", help="run or checkpoint directory to continue from (its config is reused); "
+                                         "'auto': this run's newest checkpoint if there is one, else start afresh")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     parser.add_argument("--no-progress", action="store_true")
+    # The `deepspeed` launcher passes --local_rank to the script; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=200")
     return parser
 
@@ -266,14 +358,22 @@ def main(argv=None) -> int:
     from vlseg.cli import run_guarded
 
     args = build_parser().parse_args(argv)
+    outcome = {}
 
     def go():
-        if args.resume:
+        if args.resume and args.resume != "auto":
             _, meta, _ = read_checkpoint(args.resume)
             cfg = apply_overrides(meta["config"], args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
-        run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-        print(f"run saved in {run_dir}")
+        try:
+            run_dir = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        except Preempted as stop:
+            print(stop, flush=True)
+            outcome["code"] = PREEMPTED_EXIT
+            return
+        if launched_world()[1] == 0:
+            print(f"run saved in {run_dir}")
 
-    return run_guarded(go)
+    code = run_guarded(go)
+    return outcome.get("code", code)

@@ -30,7 +30,7 @@ class VLSegNet(nn.Module):
         # = .64, cos(liver, left kidney) = .43), so the differences that matter are small.  A fixed standardisation,
         # fitted once on the training vocabulary and saved with the weights, puts those differences at unit scale.
         self.register_buffer("prompt_center", torch.zeros(text_dim))
-        self.register_buffer("prompt_scale", torch.ones(()))
+        self.register_buffer("prompt_scale", torch.ones(1))  # 1-d: see QueryDecoder.logit_scale
 
     @torch.no_grad()
     def calibrate_prompts(self, embeddings: torch.Tensor) -> None:
@@ -38,6 +38,16 @@ class VLSegNet(nn.Module):
         emb = embeddings.float().to(self.prompt_center.device)
         self.prompt_center.copy_(emb.mean(0))
         self.prompt_scale.fill_(1.0 / max(float((emb - emb.mean(0)).std()), 1e-6))
+
+    def set_activation_checkpointing(self, enabled: bool) -> list[str]:
+        """Switch activation checkpointing on every component that supports it (an ``activation_checkpointing``
+        attribute: the U-Net's stages, the query decoder's layers); returns the components switched."""
+        switched = []
+        for name, module in self.named_modules():
+            if hasattr(module, "activation_checkpointing"):
+                module.activation_checkpointing = bool(enabled)
+                switched.append(name)
+        return switched
 
     def encode_image(self, image: torch.Tensor):
         return self.image_encoder(image)

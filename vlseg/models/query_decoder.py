@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlseg.models.unet import ImageFeatures
 from vlseg.registry import FUSIONS
@@ -73,8 +74,11 @@ class QueryDecoder(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
         self.mask_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, embed_dim))
         self.presence_head = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, 1))
-        self.logit_scale = nn.Parameter(torch.tensor(1.0 / math.sqrt(embed_dim)))
-        self.logit_bias = nn.Parameter(torch.tensor(-2.0))  # targets are small: start from "mostly background"
+        # One-element vectors rather than 0-d scalars: DeepSpeed broadcasts parameters as byte views, which 0-d
+        # tensors cannot give.
+        self.logit_scale = nn.Parameter(torch.full((1,), 1.0 / math.sqrt(embed_dim)))
+        self.logit_bias = nn.Parameter(torch.full((1,), -2.0))  # targets are small: start from "mostly background"
+        self.activation_checkpointing = False  # recompute each layer in backward (train.activation_checkpointing)
 
     def _tokens(self, features: ImageFeatures):
         keys, values = [], []
@@ -102,7 +106,10 @@ class QueryDecoder(nn.Module):
             pad = pad.clone()
             pad[pad.all(dim=1), 0] = False  # an all-padding row would make attention NaN; its outputs are ignored
         for layer in self.layers:
-            q = layer(q, keys, values, pad)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                q = checkpoint(layer, q, keys, values, pad, use_reentrant=False)
+            else:
+                q = layer(q, keys, values, pad)
         q = self.out_norm(q)
         mask_vec = self.mask_head(q)
         logits = torch.einsum("bqe,bexyz->bqxyz", mask_vec, features.voxel_embedding.to(mask_vec.dtype))

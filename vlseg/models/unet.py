@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks.blocks import Convolution
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlseg.registry import IMAGE_ENCODERS
 
@@ -32,8 +33,11 @@ class ImageFeatures:
 
 
 def _stage(in_ch: int, out_ch: int, n_convs: int, stride) -> nn.Sequential:
-    layers = [Convolution(3, in_ch, out_ch, strides=stride, kernel_size=3, norm=_NORM, act=_ACT)]
-    layers += [Convolution(3, out_ch, out_ch, kernel_size=3, norm=_NORM, act=_ACT) for _ in range(n_convs - 1)]
+    # No convolution bias: the InstanceNorm after it subtracts any constant, so a bias would get a zero gradient and
+    # drift on rounding noise alone (Adam scales even a 1e-9 gradient to a full step).
+    layers = [Convolution(3, in_ch, out_ch, strides=stride, kernel_size=3, norm=_NORM, act=_ACT, bias=False)]
+    layers += [Convolution(3, out_ch, out_ch, kernel_size=3, norm=_NORM, act=_ACT, bias=False)
+               for _ in range(n_convs - 1)]
     return nn.Sequential(*layers)
 
 
@@ -61,6 +65,13 @@ class UNet3D(nn.Module):
             self.up.append(nn.ConvTranspose3d(self.widths[level], self.widths[level - 1], stride, stride=stride))
             self.decoder.append(_stage(2 * self.widths[level - 1], self.widths[level - 1], convs_per_stage, 1))
         self.embed = nn.Conv3d(self.widths[0], embed_dim, kernel_size=1)
+        # Recompute each stage's activations in the backward pass instead of keeping them (train.activation_checkpointing)
+        self.activation_checkpointing = False
+
+    def _run(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
 
     @property
     def feature_channels(self) -> list[int]:
@@ -78,10 +89,10 @@ class UNet3D(nn.Module):
     def forward(self, x: torch.Tensor) -> ImageFeatures:
         skips = []
         for stage in self.encoder:
-            x = stage(x)
+            x = self._run(stage, x)
             skips.append(x)
         decoded = [x]
         for up, stage, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
-            x = stage(torch.cat([up(x), skip], dim=1))
+            x = self._run(stage, torch.cat([up(x), skip], dim=1))
             decoded.append(x)
         return ImageFeatures(multiscale=decoded[::-1], voxel_embedding=self.embed(x))

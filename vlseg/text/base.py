@@ -66,6 +66,12 @@ class TextEncoder(nn.Module):
         # A frozen encoder stays in eval mode (no dropout) whatever the surrounding model does.
         return super().train(mode and not self.frozen)
 
+    def fill_cache(self, texts: list[str], embeddings: torch.Tensor) -> None:
+        """Store embeddings computed elsewhere (another process of the same run) as this frozen encoder's."""
+        key = self.cache_key()
+        for text, vec in zip(texts, embeddings):
+            _EMBEDDING_CACHE[(key, text)] = vec.float().cpu()
+
     def encode(self, texts: list[str]) -> torch.Tensor:
         if not self.frozen:
             return self(texts)
