@@ -140,9 +140,14 @@ DEEPSPEED_TAG = "pytorch_model"
 def deepspeed_fp32_weights(training_state: Path) -> dict:
     """One fp32 state dict from a DeepSpeed checkpoint (ZeRO partitions and 16-bit optimisers included), through
     DeepSpeed's own consolidation."""
+    import contextlib
+    import io
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(training_state), tag=DEEPSPEED_TAG)
+    chatter = io.StringIO()  # it narrates every file it reads; an exception still says what went wrong
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        return get_fp32_state_dict_from_zero_checkpoint(str(training_state), tag=DEEPSPEED_TAG)
 
 
 def deepspeed_to_universal(training_state: Path, out: Path) -> Path:

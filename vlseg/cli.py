@@ -98,23 +98,52 @@ def classes(argv=None) -> int:
     return run_guarded(go)
 
 
+def export(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlseg export", description=(
+        "Write a release copy of a checkpoint: consolidated fp32 weights (DeepSpeed ZeRO partitions merged) and its "
+        "metadata, without optimiser state. Segmenter.from_pretrained, vlseg predict and evaluate.py load it."))
+    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    parser.add_argument("out", help="new directory to write")
+    args = parser.parse_args(argv)
+
+    def go():
+        from vlseg.checkpoint import export_checkpoint
+
+        print(f"exported to {export_checkpoint(args.checkpoint, args.out)}")
+
+    return run_guarded(go)
+
+
+def launch(argv=None) -> int:
+    """``vlseg launch [accelerate launch options] train.py ...``: accelerate's launcher, started after vlseg's
+    torchvision shim, so it also works where the plain ``accelerate`` command cannot import (see README)."""
+    import vlseg  # noqa: F401  (the shim)
+    from accelerate.commands.accelerate_cli import main as accelerate_main
+
+    sys.argv = ["accelerate", "launch", *(sys.argv[2:] if argv is None else argv)]
+    accelerate_main()
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"predict": "vlseg.cli", "classes": "vlseg.cli", "train": "vlseg.train", "evaluate": "vlseg.evaluate",
-                "demo": "vlseg.demo"}
+                "demo": "vlseg.demo", "export": "vlseg.cli", "launch": "vlseg.cli"}
     if not argv or argv[0] not in commands:
-        print("usage: vlseg {predict,classes,train,evaluate,demo} ...\n"
+        print("usage: vlseg {predict,classes,train,evaluate,demo,export,launch} ...\n"
               "  predict   segment a scan: vlseg predict -i scan.nii.gz -p 'liver tumor' -p liver -o out/\n"
               "  classes   list the canonical vocabulary (--json, --modality CT)\n"
               "  train     train a model: vlseg train --config configs/phantom.yaml [key=value ...]\n"
               "  evaluate  score a checkpoint on a manifest split (Dice, NSD, HD95)\n"
-              "  demo      the main job: phantoms -> train -> evaluate -> predict 'liver tumor'",
+              "  demo      the main job: phantoms -> train -> evaluate -> predict 'liver tumor'\n"
+              "  export    consolidated fp32 copy of a (DeepSpeed) checkpoint, without optimiser state\n"
+              "  launch    accelerate launch, e.g. vlseg launch --multi_gpu --num_processes 8 train.py ...",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 
     module = importlib.import_module(commands[argv[0]])  # import only what the chosen command needs
-    return getattr(module, argv[0] if argv[0] in ("predict", "classes") else "main")(argv[1:])
+    return getattr(module, argv[0] if argv[0] in ("predict", "classes", "export", "launch") else "main")(argv[1:])
 
 
 if __name__ == "__main__":
