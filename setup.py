@@ -14,6 +14,7 @@ setup(
         "monai>=1.3",
         "accelerate>=0.30",
         "deepspeed>=0.14",
+        "peft>=0.10",  # LoRA adaptation of a text encoder
         "einops>=0.7",
         "nibabel>=5.0",
         "numpy>=1.24",

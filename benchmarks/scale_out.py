@@ -77,17 +77,35 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> float:
-    """Run ``cmd`` from the repository root, output to ``log``; returns its wall-clock seconds, raises on failure."""
-    t = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=REPO, env=_environment() | (env or {}), stdout=fh, stderr=subprocess.STDOUT,
-                              timeout=timeout)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
+def _run_together(jobs: list[tuple[list[str], Path, dict | None]], timeout: float) -> list[float]:
+    """Run ``(command, log, extra environment)`` jobs side by side from the repository root, each one's output to its
+    log; returns their wall-clock seconds, and stops the benchmark on the first failure with the end of its log."""
+    started = []
+    for cmd, log, env in jobs:
+        fh = open(log, "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_environment() | (env or {}), stdout=fh, stderr=subprocess.STDOUT)
+        started.append((proc, fh, time.perf_counter()))
+    walls, failed = [], None
+    deadline = time.perf_counter() + timeout
+    for (proc, fh, t), (cmd, log, _) in zip(started, jobs):
+        try:
+            code = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        walls.append(time.perf_counter() - t)
+        fh.close()
+        if code != 0 and failed is None:
+            failed = (code, cmd, log)
+    if failed is not None:
+        code, cmd, log = failed
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-        raise SystemExit(f"command failed (exit {proc.returncode}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail}")
-    return wall
+        raise SystemExit(f"command failed (exit {code}): {' '.join(cmd)}\n--- last lines of {log} ---\n{tail}")
+    return walls
+
+
+def _run(cmd: list[str], log: Path, timeout: float, env: dict | None = None) -> float:
+    return _run_together([(cmd, log, env)], timeout)[0]
 
 
 def _shown(cmd: list[str]) -> str:
@@ -182,15 +200,14 @@ def worker_zero2(args) -> int:
 
 
 def figure_zero2(args, tmp: Path) -> dict:
-    runs, commands = {}, {}
-    for n in (1, 2):
-        result = tmp / f"zero2_{n}.json"
-        cmd = [*_torchrun(), "--standalone", "--nproc_per_node", str(n), str(Path(__file__).resolve()),
-               "--worker", "zero2", "--result", str(result), "--batch", str(args.zero_batch)]
-        wall = _run(cmd, tmp / f"zero2_{n}.log", timeout=300)
-        runs[n] = json.loads(result.read_text())
-        commands[n] = _shown(cmd)
-        print(f"  zero2 with {n} process(es): {wall:.0f} s")
+    # Only bytes are measured, so the two launches run side by side (each on its own free port).
+    cmds = {n: [*_torchrun(), "--standalone", "--nproc_per_node", str(n), str(Path(__file__).resolve()),
+                "--worker", "zero2", "--result", str(tmp / f"zero2_{n}.json"), "--batch", str(args.zero_batch)]
+            for n in (1, 2)}
+    walls = _run_together([(cmd, tmp / f"zero2_{n}.log", None) for n, cmd in cmds.items()], timeout=400)
+    runs = {n: json.loads((tmp / f"zero2_{n}.json").read_text()) for n in cmds}
+    commands = {n: _shown(cmd) for n, cmd in cmds.items()}
+    print(f"  ZeRO-2 steps with 1 and 2 processes, side by side: {max(walls):.0f} s")
     one, two = runs[1][0], runs[2]
     fig = {"commands": commands, "global_batch": args.zero_batch, "per_rank": {"1": runs[1], "2": two}}
     for key in ("adam_moments_bytes", "moments_plus_master_bytes", "fp32_master_partition_bytes"):
@@ -204,7 +221,7 @@ def figure_zero2(args, tmp: Path) -> dict:
                        ("moments_plus_master_bytes", "moments + fp32 master")):
         f = fig[key]
         print(f"   {label:32s}{_mib(f['1']):>14s}{_mib(f['2_max']):>26s}{f['ratio']:>8.3f}")
-    print(f"   per rank with 2 processes: " + ", ".join(
+    print("   per rank with 2 processes: " + ", ".join(
         f"rank {r['rank']} {_mib(r['moments_plus_master_bytes'])} ({r['partition_numel']:,} elements)" for r in two))
     print(f"   not optimiser state: each process also holds the whole flat model, {_mib(one['flat_model_copy_bytes'])} "
           f"(ZeRO-2 partitions gradients and optimiser state, not parameters)")
@@ -384,26 +401,41 @@ FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def figure_actckpt(args, tmp: Path, crops: list[list[int]]) -> dict:
-    rows, commands = [], []
-    for crop in crops:
-        tag = "x".join(map(str, crop))
-        pair = {}
+    def command(crop, ckpt: int, rss_only: bool, result: Path) -> list[str]:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "actckpt", "--result", str(result),
+               "--crop", *map(str, crop), "--checkpointing", str(ckpt), "--batch", str(args.batch),
+               "--queries", str(args.queries), "--reps", str(0 if rss_only else args.reps)]
+        return cmd + ["--rss-only"] if rss_only else cmd
+
+    runs, commands = {}, []
+    for crop in crops:  # timed: one process at a time, so the two variants see the same machine
         for ckpt in (0, 1):
-            for fixed in (False, True):
-                result = tmp / f"actckpt_{tag}_{ckpt}_{int(fixed)}.json"
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "actckpt", "--result", str(result),
-                       "--crop", *map(str, crop), "--checkpointing", str(ckpt), "--batch", str(args.batch),
-                       "--queries", str(args.queries), "--reps", str(0 if fixed else args.reps)]
-                if fixed:  # peak memory only: one forward + backward, nothing counted or timed
-                    cmd.append("--rss-only")
-                wall = _run(cmd, result.with_suffix(".log"), timeout=400, env=FIXED_MMAP if fixed else None)
-                pair[ckpt, fixed] = json.loads(result.read_text())
-                commands.append(("MALLOC_MMAP_THRESHOLD_=65536 " if fixed else "") + _shown(cmd))
-                print(f"  activation checkpointing {'on ' if ckpt else 'off'} at {crop}"
-                      f"{' (fixed mmap threshold)' if fixed else ''}: {wall:.0f} s")
-        off, on = pair[0, False], pair[1, False]
-        off["peak_over_start_fixed_mmap_bytes"] = pair[0, True]["peak_over_start_bytes"]
-        on["peak_over_start_fixed_mmap_bytes"] = pair[1, True]["peak_over_start_bytes"]
+            result = tmp / f"actckpt_{'x'.join(map(str, crop))}_{ckpt}.json"
+            cmd = command(crop, ckpt, False, result)
+            wall = _run(cmd, result.with_suffix(".log"), timeout=400)
+            runs[tuple(crop), ckpt, False] = json.loads(result.read_text())
+            commands.append(_shown(cmd))
+            print(f"  activation checkpointing {'on ' if ckpt else 'off'} at {crop}: {wall:.0f} s")
+    # Peak memory alone under the pinned mmap threshold: nothing timed, so these run side by side, one thread each
+    # (each process's peak is its own, and the network's tensors do not depend on the thread count).
+    jobs, keys = [], []
+    for crop in crops:
+        for ckpt in (0, 1):
+            result = tmp / f"actckpt_{'x'.join(map(str, crop))}_{ckpt}_mmap.json"
+            cmd = command(crop, ckpt, True, result)
+            jobs.append((cmd, result.with_suffix(".log"), FIXED_MMAP | {"OMP_NUM_THREADS": "1"}))
+            keys.append((tuple(crop), ckpt, result))
+            commands.append("MALLOC_MMAP_THRESHOLD_=65536 OMP_NUM_THREADS=1 " + _shown(cmd))
+    walls = _run_together(jobs, timeout=500)
+    print(f"  peak memory with a fixed mmap threshold, {len(jobs)} processes side by side: {max(walls):.0f} s")
+    for (crop, ckpt, result) in keys:
+        runs[crop, ckpt, True] = json.loads(result.read_text())
+
+    rows = []
+    for crop in crops:
+        off, on = runs[tuple(crop), 0, False], runs[tuple(crop), 1, False]
+        off["peak_over_start_fixed_mmap_bytes"] = runs[tuple(crop), 0, True]["peak_over_start_bytes"]
+        on["peak_over_start_fixed_mmap_bytes"] = runs[tuple(crop), 1, True]["peak_over_start_bytes"]
         saving = lambda key: 1 - on[key] / off[key]  # noqa: E731
         rows.append({"crop": crop, "without": off, "with": on,
                      "saved_saving": saving("saved_bytes"), "peak_rss_saving": saving("peak_rss_bytes"),
@@ -427,8 +459,9 @@ def figure_actckpt(args, tmp: Path, crops: list[list[int]]) -> dict:
           "excluded); (liveness): the same counted by weak references to every storage forward created, outputs "
           "excluded, as a cross-check.  peak RSS: ru_maxrss of a fresh process over 1 + "
           f"{args.reps} forward + backward; peak − start: less its resident size just before the first forward; "
-          "(fixed mmap): the same in another fresh process with MALLOC_MMAP_THRESHOLD_=65536, where RSS follows live "
-          "tensors more closely than with glibc's default, self-raising threshold.  fwd+bwd: mean of the "
+          "(fixed mmap): the same in another fresh process (one forward + backward, 1 thread) with "
+          "MALLOC_MMAP_THRESHOLD_=65536, where RSS follows live tensors more closely than under glibc's default, "
+          "self-raising threshold.  fwd+bwd: mean of the "
           f"{args.reps} step(s) after the first.")
     return {"rows": rows, "commands": commands}
 
@@ -445,7 +478,7 @@ def main(argv=None) -> int:
                              "and 96 96 96)")
     parser.add_argument("--batch", type=int, default=2, help="batch of the activation-checkpointing figure")
     parser.add_argument("--queries", type=int, default=8, help="queries per sample (activation checkpointing, ZeRO)")
-    parser.add_argument("--reps", type=int, default=2, help="timed forward + backward steps after the warm-up one")
+    parser.add_argument("--reps", type=int, default=1, help="timed forward + backward steps after the warm-up one")
     parser.add_argument("--zero-batch", type=int, default=2, help="global batch of the ZeRO-2 step (divisible by 2)")
     parser.add_argument("--figures", nargs="+", default=["zero2", "throughput", "actckpt"],
                         choices=["zero2", "throughput", "actckpt"], help="measure only these")
@@ -473,25 +506,37 @@ def main(argv=None) -> int:
     figures = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": sys.version.split()[0]},
                "command": " ".join(["python", os.path.relpath(Path(__file__).resolve(), REPO),
                                     *(sys.argv[1:] if argv is None else argv)])}
-    busy = figures["cpu_busy_before_percent"] = {}
+    busy = figures["other_processes_cpu_share"] = {}
 
-    def others_busy(name: str) -> None:
-        # Measured while none of this benchmark's children runs: what other processes are taking from the cores.
+    def measured(name: str, fn):
+        # The share of the machine's CPU time that went to processes other than this benchmark and its children
+        # while a figure was measured: the machine may be shared, and its timings only mean something where this is
+        # small.  All CPU time busy on the machine, less this process's and its (waited-for) descendants'.
+        import resource
+
         import psutil
 
-        busy[name] = psutil.cpu_percent(interval=1.0)
+        def ours():
+            return sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                       for f in ("ru_utime", "ru_stime"))
+
+        def machine():
+            c = psutil.cpu_times()
+            return sum(getattr(c, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+        m0, o0, t = machine(), ours(), time.perf_counter()
+        result = fn()
+        wall = time.perf_counter() - t
+        busy[name] = max(0.0, (machine() - m0) - (ours() - o0)) / (wall * (os.cpu_count() or 1))
+        return result
 
     try:
         if "zero2" in args.figures:
-            others_busy("zero2")
-            figures["zero2"] = figure_zero2(args, tmp)
+            figures["zero2"] = measured("zero2", lambda: figure_zero2(args, tmp))
         if "throughput" in args.figures:
-            others_busy("throughput")
-            figures["throughput"] = figure_throughput(args, tmp)
+            figures["throughput"] = measured("throughput", lambda: figure_throughput(args, tmp))
         if "actckpt" in args.figures:
-            others_busy("actckpt")
-            figures["activation_checkpointing"] = figure_actckpt(args, tmp, crops)
-        others_busy("end")
+            figures["activation_checkpointing"] = measured("actckpt", lambda: figure_actckpt(args, tmp, crops))
     finally:
         if args.keep:
             print(f"(temporary files kept in {tmp})")
@@ -523,10 +568,10 @@ def main(argv=None) -> int:
     print(f"  {'figure':{width}s}{'measured':>10s}   goal")
     for a, b, c in summary:
         print(f"  {a:{width}s}{b:>10s}   {c}")
-    print("  CPU busy with other processes just before each figure: "
-          + ", ".join(f"{k} {v:.0f}%" for k, v in busy.items())
-          + ("  — timings are inflated where this is high; byte counts are not affected"
-             if max(busy.values(), default=0) > 20 else ""))
+    print("  share of the machine's CPU taken by other processes while each figure ran: "
+          + ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
+          + ("  — timings (samples/s, wall, fwd+bwd) are inflated where this is not near 0%; byte counts are not "
+             "affected" if max(busy.values(), default=0) > 0.05 else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2))

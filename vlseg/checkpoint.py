@@ -137,6 +137,22 @@ def load_network_state(net: torch.nn.Module, state: dict, source: Path) -> None:
 DEEPSPEED_TAG = "pytorch_model"
 
 
+def _stage0_fp32_weights(model_states: Path) -> dict:
+    """Without ZeRO, DeepSpeed's 16-bit optimiser keeps the fp32 master copies in its own state (``fp32_groups``, in
+    the order of the trainable parameters); DeepSpeed's consolidation script reads only ZeRO checkpoints."""
+    saved = torch.load(model_states, map_location="cpu", weights_only=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
+    masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups") or [] for t in group]
+    if masters:
+        frozen = set(saved.get("frozen_param_shapes") or {})
+        buffers = set(saved.get("buffer_names") or [])
+        trainable = [k for k in state if k not in buffers and k not in frozen]
+        if len(trainable) != len(masters) or any(state[k].shape != t.shape for k, t in zip(trainable, masters)):
+            raise VlsegError(f"{model_states}: cannot match DeepSpeed's fp32 master weights to the parameters")
+        state.update({k: t.float() for k, t in zip(trainable, masters)})
+    return state
+
+
 def deepspeed_fp32_weights(training_state: Path) -> dict:
     """One fp32 state dict from a DeepSpeed checkpoint (ZeRO partitions and 16-bit optimisers included), through
     DeepSpeed's own consolidation."""
@@ -144,6 +160,10 @@ def deepspeed_fp32_weights(training_state: Path) -> dict:
     import io
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = Path(training_state) / DEEPSPEED_TAG
+    if not list(folder.glob("*zero_pp_rank_*")):  # no ZeRO partitions: stage 0
+        return _stage0_fp32_weights(folder / "mp_rank_00_model_states.pt")
 
     chatter = io.StringIO()  # it narrates every file it reads; an exception still says what went wrong
     with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):

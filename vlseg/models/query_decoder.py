@@ -85,7 +85,10 @@ class QueryDecoder(nn.Module):
         for level, (k, proj) in enumerate(zip(self.key_scales, self.key_proj)):
             fmap = features.multiscale[k]
             while fmap.shape[2:].numel() > self.max_tokens:  # bound attention cost on fine scales
-                fmap = F.avg_pool3d(fmap, kernel_size=2, stride=2, ceil_mode=True)
+                # (torch has no bf16 3D average pooling on CPU, which a pure-bf16 DeepSpeed model would need)
+                pooled = F.avg_pool3d(fmap.float() if fmap.device.type == "cpu" else fmap, kernel_size=2, stride=2,
+                                      ceil_mode=True)
+                fmap = pooled.to(fmap.dtype)
             tokens = proj(rearrange(fmap, "b c x y z -> b (x y z) c"))
             # The same grids recur every step and every window: the (fixed) encodings are computed once per shape.
             pos = _positions(tuple(fmap.shape[2:]), tokens.shape[-1], str(tokens.device)).to(tokens.dtype)

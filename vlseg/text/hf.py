@@ -39,7 +39,7 @@ def resolve_model_folder(spec: str) -> Path:
 @TEXT_ENCODERS.register("hf")
 class HFTextEncoder(TextEncoder):
     def __init__(self, path: str, pooling: str = "mean", normalize: bool = True, max_length: int = 32,
-                 freeze: bool = True, vocabulary=None):
+                 freeze: bool = True, lora: dict | None = None, vocabulary=None):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise VlsegError(f"text_encoder.pooling={pooling!r}: use 'mean' or 'cls'")
@@ -57,12 +57,34 @@ class HFTextEncoder(TextEncoder):
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
         self.dim = int(self.model.config.hidden_size)
         self.frozen = False
-        if freeze:
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            self._add_lora(self.lora)
+        elif freeze:
             self.freeze_()
 
+    def _add_lora(self, settings: dict) -> None:
+        """LoRA adapters (peft) on the attention projections; the tower's own weights stay frozen, the adapters train."""
+        from peft import LoraConfig, get_peft_model
+
+        known = {"r", "alpha", "dropout", "target_modules"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise VlsegError(f"text_encoder.lora: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        config = LoraConfig(r=int(settings.get("r", 8)), lora_alpha=float(settings.get("alpha", 16)),
+                            lora_dropout=float(settings.get("dropout", 0.0)),
+                            target_modules=list(settings.get("target_modules", ["query", "value"])))
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as exc:
+            raise VlsegError(f"text_encoder.lora: {str(exc).splitlines()[0]}") from None
+
     def identity(self) -> dict:
-        return {"name": "hf", "path": self.spec, "pooling": self.pooling, "normalize": self.normalize,
-                "max_length": self.max_length, "fingerprint": self.fingerprint}
+        ident = {"name": "hf", "path": self.spec, "pooling": self.pooling, "normalize": self.normalize,
+                 "max_length": self.max_length, "fingerprint": self.fingerprint}
+        if self.lora:
+            ident["lora"] = self.lora
+        return ident
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
