@@ -93,8 +93,7 @@ def inference_spacing(cfg: dict, cases: list) -> list[float] | None:
 def distribution(cfg: dict, world_size: int) -> dict:
     """How a run is distributed, as its checkpoints record it."""
     ds = deepspeed_config(cfg, world_size)
-    return {"strategy": "deepspeed" if ds else "ddp", "zero_stage": zero_stage(ds), "world_size": world_size,
-            "deepspeed_config": ds}
+    return {"strategy": "deepspeed" if ds else "ddp", "zero_stage": zero_stage(ds), "world_size": world_size}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -224,9 +223,8 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     datasets = list(dataset.dataset_names)
     voxels_per_sample = int(np.prod(dcfg["crop_size"]))
 
-    saved_dist = {k: v for k, v in dist_now.items() if k != "deepspeed_config"} | {"world_size": world_size}
     meta_out = {"config": cfg, "vocabulary": vocabulary.to_dict(), "text_encoder": text_encoder.identity(),
-                "run_name": cfg["run_name"], "distributed": saved_dist}
+                "run_name": cfg["run_name"], "distributed": dist_now | {"world_size": world_size}}
     stage = dist_now["zero_stage"]
     precision = resolve_mixed_precision(tcfg["mixed_precision"])
 
