@@ -198,10 +198,16 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     if ckpt_dir is not None:
         source = ckpt_dir / "training_state"
         if universal:
-            source = run_dir / ".universal-resume"
+            source, problem = run_dir / ".universal-resume", None
             if main:
-                deepspeed_to_universal(ckpt_dir / "training_state", source)
-            accelerator.wait_for_everyone()
+                try:
+                    deepspeed_to_universal(ckpt_dir / "training_state", source)
+                except VlsegError as exc:
+                    problem = exc
+            # Every process stops if the conversion failed (rather than wait forever for the main one).
+            if all_reduce(torch.tensor([float(problem is not None)]), "max")[0] > 0:
+                raise problem or VlsegError(f"{ckpt_dir}: conversion to DeepSpeed's universal format failed "
+                                            f"(see the main process's error)")
         accelerator.load_state(str(source))
         accelerator.wait_for_everyone()
         if universal and main:
