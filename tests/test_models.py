@@ -95,3 +95,26 @@ def test_trainable_text_encoder_lives_inside_the_network(tiny_bert_dir):
     cached = prompt_inputs([["liver", "spleen"], ["liver"]], frozen_enc, "cpu")
     assert cached.shape == (2, 2, 32) and torch.equal(cached[0, 0], cached[1, 0])
     assert isinstance(frozen_net, VLSegNet)
+
+
+@pytest.mark.parametrize("fusion,encoder", [("dynamic_head", ["text_encoder.name=onehot"]),
+                                            ("dodnet", ["text_encoder.name=onehot", "text_encoder.fixed=true"])])
+def test_dynamic_heads(fusion, encoder):
+    vocab = Vocabulary.load("default").subset({"liver", "spleen", "liver tumor"}, source="test")
+    cfg = load_config(None, [f"fusion.name={fusion}", *encoder, "image_encoder.widths=[8,16,32]",
+                             "image_encoder.strides=[1,2,2]", "image_encoder.embed_dim=16"])
+    torch.manual_seed(0)
+    net, text = build_network(cfg, vocab)
+    assert net.fusion.n_params == 153  # CLIP-Universal's 8-channel, 3-layer head: 8·8+8 + 8·8+8 + 8+1
+    if fusion == "dodnet":  # the task code is the class's one-hot vector, never trained
+        assert text.frozen and torch.equal(text.encode(["liver", "spleen"]), torch.eye(3)[[vocab.index("liver"),
+                                                                                          vocab.index("spleen")]])
+    image = torch.randn(2, 1, 32, 32, 24)
+    both = text.encode(["liver", "spleen"])[None].expand(2, -1, -1).contiguous()
+    out = net(image, both)
+    assert out["mask_logits"].shape == (2, 2, 32, 32, 24) and out["presence_logits"].shape == (2, 2)
+    # Each query has its own head: asking for spleen alone gives the same spleen mask.
+    alone = net(image, both[:, 1:])
+    assert torch.allclose(alone["mask_logits"][:, 0], out["mask_logits"][:, 1], atol=1e-5)
+    out["mask_logits"].square().mean().backward()
+    assert net.fusion.controller.weight.grad.abs().sum() > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import time
 import math
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         classes = list(vocabulary.names)
     elif classes == "all":
         classes = None
-    rows = []
+    rows, started, segmented = [], time.perf_counter(), 0
     for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
         scan = load_scan(case.image)
         label = load_label(case.label, like=scan)
@@ -50,10 +51,13 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         if not names:
             continue
         asks = [(name, name, "name") for name in names]
-        if heldout and vocabulary is not None:
+        # A closed-vocabulary model (one-hot codes) cannot be asked an unseen paraphrase at all: none are scored.
+        if heldout and vocabulary is not None and getattr(getattr(segmenter, "text_encoder", None), "open_vocabulary",
+                                                          True):
             asks += [(name, text, "heldout") for name in names if name in vocabulary.names
                      for text in vocabulary.heldout[name]]
         result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality)
+        segmented += 1
         for (name, _, wording), r in zip(asks, result.results):
             scores = score_case(r.mask.astype(bool), case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)
             rows.append({"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
@@ -71,6 +75,8 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         "by_dataset_class": summarise(named, ("dataset", "class")),
         "overall": summarise(named, ()),
         "by_class_heldout": summarise(paraphrased, ("class",)) if paraphrased else [],
+        # loading, all prompts and scoring, per case (a table's inference-cost column)
+        "seconds_per_case": (time.perf_counter() - started) / max(segmented, 1),
     }
     if out_dir is not None:
         out_dir = Path(out_dir)

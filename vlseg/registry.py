@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 from vlseg.errors import VlsegError
@@ -29,7 +30,12 @@ class Registry:
     def build(self, section: dict, **extra) -> Any:
         """Build from a config section: ``{"name": ..., **constructor kwargs}``."""
         kwargs = {k: v for k, v in section.items() if k != "name"}
-        return self.get(section["name"])(**kwargs, **extra)
+        factory = self.get(section["name"])
+        try:
+            inspect.signature(factory).bind(**kwargs, **extra)
+        except TypeError as exc:  # e.g. a setting of another component left in the section
+            raise VlsegError(f"{self.kind} {section['name']!r}: {exc}") from None
+        return factory(**kwargs, **extra)
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -35,6 +35,7 @@ from vlseg.errors import VlsegError
 from vlseg.losses import LOSSES
 from vlseg.models.network import build_network, prompt_inputs
 from vlseg.preemption import PREEMPTED_EXIT, Preempted, PreemptionFlag
+from vlseg.provenance import record_run
 from vlseg.vocab import Vocabulary
 
 
@@ -257,6 +258,7 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
     bar = tqdm(total=steps, initial=start, desc=cfg["run_name"], disable=not (progress and main), dynamic_ncols=True)
+    t_session = time.perf_counter()
     device = accelerator.device
     # DeepSpeed holds a 16-bit model under bf16/fp16 (no autocast): its inputs must match.
     input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if on_deepspeed else None
@@ -338,6 +340,8 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
         checkpoint(step)
     if writer is not None:
         writer.close()
+    if main:  # code version, packages, hardware and training time, for reproduction and ablation tables
+        record_run(run_dir, world_size, time.perf_counter() - t_session)
     accelerator.end_training()
     finish()
     if step < steps:

@@ -37,6 +37,7 @@ class TextEncoder(nn.Module):
 
     dim: int
     frozen: bool = True
+    open_vocabulary: bool = True  # whether any phrase can be encoded (not only the vocabulary's own wordings)
 
     def __init__(self):
         super().__init__()

@@ -12,21 +12,29 @@ from vlseg.text.base import TextEncoder
 
 @TEXT_ENCODERS.register("onehot")
 class OneHotTextEncoder(TextEncoder):
-    def __init__(self, vocabulary, dim: int = 64, freeze: bool = False):
+    open_vocabulary = False
+    def __init__(self, vocabulary, dim: int = 64, freeze: bool = False, fixed: bool = False):
         super().__init__()
         self.vocabulary = vocabulary
-        self.dim = dim
-        self.table = nn.Embedding(len(vocabulary), dim)
-        nn.init.normal_(self.table.weight, std=1.0)
+        self.fixed = bool(fixed)
+        # fixed: DoDNet's task code, the class's one-hot vector itself (as long as the vocabulary, never trained)
+        self.dim = len(vocabulary) if self.fixed else dim
+        self.table = nn.Embedding(len(vocabulary), self.dim)
+        if self.fixed:
+            nn.init.eye_(self.table.weight)
+        else:
+            nn.init.normal_(self.table.weight, std=1.0)
         self.frozen = False
-        if freeze:
+        if freeze or self.fixed:
             self.freeze_()
 
     def identity(self) -> dict:
-        return {"name": "onehot", "dim": self.dim, "classes": len(self.vocabulary)}
+        ident = {"name": "onehot", "dim": self.dim, "classes": len(self.vocabulary)}
+        return ident | {"fixed": True} if self.fixed else ident
 
     def cache_key(self) -> str:
-        # A frozen one-hot table is random: its rows must not be shared with another model's cache.
+        # A frozen random table must not share cached rows with another model's (a fixed one-hot table could, but
+        # its vocabulary order is the model's own).
         return f"onehot@{id(self)}"
 
     def embed(self, texts: list[str]) -> torch.Tensor:

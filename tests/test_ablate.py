@@ -1,0 +1,75 @@
+"""The ablation runner: grid expansion, launch lines, a real tiny study run twice (the second time skips everything)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import tiny_overrides
+from vlseg.ablate import collect, commands, load_study, main
+from vlseg.errors import VlsegError
+
+
+def _study(tmp_path, **spec):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_variants_grid_and_seeds_expand(tmp_path):
+    path = _study(tmp_path, name="s", overrides=["train.steps=3"], variants={"masked": ["loss.name=masked"],
+                                                                           "naive": {"loss.name": "naive"}},
+                  grid={"fusion.layers": [1, 2]}, seeds=[0, 1, 2], output=str(tmp_path / "out"))
+    study = load_study(path)
+    assert len(study.runs) == 2 * 2 * 3
+    assert sorted({r.variant for r in study.runs}) == ["masked,fusion.layers=1", "masked,fusion.layers=2",
+                                                        "naive,fusion.layers=1", "naive,fusion.layers=2"]
+    run = study.runs[0]
+    assert study.common == ["train.steps=3"] and run.overrides == ["loss.name=masked", "fusion.layers=1"]
+    assert run.run_dir == tmp_path / "out" / "masked_fusion.layers=1" / "seed0"
+    lines = commands(study, path)
+    assert len(lines) == 13 and lines[-1].endswith("--collect")
+    assert "--resume auto" in lines[0] and "seed=0" in lines[0] and "evaluate.py --checkpoint" in lines[0]
+    assert f"--config {tmp_path / 'out' / 'base.yaml'}" in lines[0]
+    assert yaml.safe_load((tmp_path / "out" / "base.yaml").read_text())["train"]["steps"] == 3
+
+
+@pytest.mark.parametrize("spec,message", [({"seeds": []}, "seeds"), ({"grid": {"a.b": []}}, "grid"),
+                                          ({"typo": 1}, "unknown study key 'typo'")])
+def test_bad_study_files_are_one_line_errors(tmp_path, spec, message):
+    with pytest.raises(VlsegError, match=message):
+        load_study(_study(tmp_path, **spec))
+
+
+def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_bert_dir, capsys):
+    out = tmp_path / "out"
+    path = _study(tmp_path, name="tiny", overrides=tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir,
+                                                                   **{"train.steps": 2, "train.checkpoint_every": 2}),
+                  variants={"masked": ["loss.name=masked"], "naive": ["loss.name=naive"],
+                            "dodnet": ["fusion.name=dodnet", "text_encoder.name=onehot", "text_encoder.fixed=true"]},
+                  seeds=[0, 1], evaluate={"split": "test"}, output=str(out), table=str(tmp_path / "results"))
+    assert main([str(path), "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert first.count(": training") == 6
+    assert main([str(path), "--no-progress"]) == 0  # everything finished: nothing is trained or evaluated again
+    assert capsys.readouterr().out.count("done, skipped") == 6
+    rows = collect(load_study(path))
+    assert [r["variant"] for r in rows] == ["masked", "naive", "dodnet"]
+    # A text model is also scored on held-out paraphrases; a one-hot code cannot be asked them.
+    assert rows[0]["heldout"][2] == 2 and rows[2]["heldout"][2] == 0
+    for r in rows:
+        assert r["seeds"] == 2 and 0.0 <= r["overall"][0] <= 1.0 and r["overall"][2] == 2
+        assert r["parameters"] > 10_000 and r["train_seconds"] > 0 and r["seconds_per_case"] > 0
+        assert "liver" in r["classes"]
+    table = (tmp_path / "results" / "tiny.md").read_text()
+    assert "python -m vlseg.ablate" in table and "| masked | 2/2 |" in table
+    with open(tmp_path / "results" / "tiny.csv") as fh:
+        assert {row["group"] for row in csv.DictReader(fh)} >= {"overall", "class:liver"}
+    assert Image.open(tmp_path / "results" / "tiny.png").size[0] > 200
+    info = json.loads((out / "masked" / "seed0" / "run_info.json").read_text())
+    assert info["latest"]["packages"]["torch"] and info["latest"]["hardware"]["cpus"] >= 1
+    assert "commit" in info["latest"]["git"]
