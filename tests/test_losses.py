@@ -1,5 +1,6 @@
 """Masked back-propagation: unannotated queries contribute exactly nothing."""
 
+import pytest
 import torch
 
 from vlseg.losses import LOSSES, SegmentationLoss, soft_dice_loss
@@ -72,3 +73,17 @@ def test_no_supervised_query_gives_zero_loss_with_a_graph():
     assert parts["n"] == 0 and parts["loss"].item() == 0.0
     parts["loss"].backward()
     assert torch.count_nonzero(out["mask_logits"].grad) == 0
+
+
+def test_focal_pixel_term_discounts_easy_voxels():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 8, 8, 4) * 3
+    target = (torch.rand(1, 2, 8, 8, 4) > 0.8).float()
+    ones = torch.ones(1, 2, dtype=torch.bool)
+    outputs = {"mask_logits": logits, "presence_logits": torch.zeros(1, 2)}
+    bce = SegmentationLoss(pixel="bce")(outputs, target, ones, ones)
+    focal = SegmentationLoss(pixel="focal", focal_gamma=2.0)(outputs, target, ones, ones)
+    assert 0 < float(focal["bce"]) < float(bce["bce"])  # every voxel's term shrinks by (1 - p_t)^2
+    assert float(SegmentationLoss(pixel="focal", focal_gamma=0.0)(outputs, target, ones, ones)["bce"]) == \
+        pytest.approx(float(bce["bce"]))  # γ = 0 is BCE
+    assert focal["dice"] == pytest.approx(float(bce["dice"]))

@@ -118,3 +118,18 @@ def test_dynamic_heads(fusion, encoder):
     assert torch.allclose(alone["mask_logits"][:, 0], out["mask_logits"][:, 1], atol=1e-5)
     out["mask_logits"].square().mean().backward()
     assert net.fusion.controller.weight.grad.abs().sum() > 0
+
+
+def test_clip_universal_reference_shape():
+    # The reference config rebuilt with a randomly initialised CLIP (no weights offline): backbone size, head size and
+    # a forward pass at a small input.
+    cfg = load_config("configs/reference/clip_universal.yaml", ["text_encoder.allow_random=true",
+                                                                 "text_encoder.weights=null"])
+    vocab = Vocabulary.load("default").subset({"liver", "liver tumor"}, source="test")
+    net, text = build_network(cfg, vocab)
+    backbone = sum(p.numel() for n, p in net.image_encoder.named_parameters() if n.startswith("net."))
+    assert abs(backbone - 62.2e6) / 62.2e6 < 0.05  # published: 62.2 M
+    assert text.dim == 512 and net.fusion.n_params == 153 and net.fusion.code_proj.out_features == 256
+    with torch.no_grad():  # 64³: at 32³ the bottleneck is one voxel, which InstanceNorm cannot normalise
+        out = net(torch.randn(1, 1, 64, 64, 64), text.encode(["liver", "liver tumor"])[None])
+    assert out["mask_logits"].shape == (1, 2, 64, 64, 64)

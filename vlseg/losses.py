@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlseg.errors import VlsegError
 from vlseg.registry import LOSSES
 
 
@@ -34,10 +35,15 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, empty_kappa: float 
 
 class SegmentationLoss(nn.Module):
     def __init__(self, partial_labels: str = "masked", bce_weight: float = 1.0, dice_weight: float = 1.0,
-                 presence_weight: float = 0.5, empty_kappa: float = 100.0):
+                 presence_weight: float = 0.5, empty_kappa: float = 100.0, pixel: str = "bce",
+                 focal_gamma: float = 2.0):
         super().__init__()
         if partial_labels not in ("masked", "naive"):
             raise ValueError(f"partial_labels must be 'masked' or 'naive', not {partial_labels!r}")
+        if pixel not in ("bce", "focal"):
+            raise VlsegError(f"loss.pixel={pixel!r}: use 'bce' (Dice + BCE) or 'focal' (Dice + focal)")
+        # The per-voxel term: BCE, or focal (BCE scaled by (1 − p_t)^γ, which discounts the easy background voxels).
+        self.pixel, self.focal_gamma = pixel, float(focal_gamma)
         self.partial_labels = partial_labels
         self.bce_weight, self.dice_weight, self.presence_weight = bce_weight, dice_weight, presence_weight
         self.empty_kappa = empty_kappa
@@ -64,7 +70,11 @@ class SegmentationLoss(nn.Module):
                     "pairs": torch.zeros((0, 4)), "pair_sample": torch.zeros(0, dtype=torch.long)}
         lg = logits[keep].flatten(1).float()  # [n, V] — unsupervised queries never enter the graph below
         tg = target[keep].flatten(1).float()
-        bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none").mean(-1)
+        bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
+        if self.pixel == "focal":
+            p_true = torch.exp(-bce)  # the probability given to the true label
+            bce = (1.0 - p_true).pow(self.focal_gamma) * bce
+        bce = bce.mean(-1)  # ("bce" below is the per-voxel term, whichever it is)
         dice = soft_dice_loss(torch.sigmoid(lg), tg, self.empty_kappa)
         present = (tg.amax(-1) > 0).float()
         pres = F.binary_cross_entropy_with_logits(presence[keep].float(), present, reduction="none")

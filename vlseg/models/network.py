@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlseg.models import dynamic_head, query_decoder, unet  # noqa: F401  (registration)
+from vlseg.models import dynamic_head, monai_encoders, query_decoder, unet  # noqa: F401  (registration)
 from vlseg.registry import FUSIONS, IMAGE_ENCODERS
 from vlseg.text import TextEncoder, build_text_encoder
 
