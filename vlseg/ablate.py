@@ -245,7 +245,9 @@ def collect(study: Study) -> list[dict]:
 
 def _fmt(stat: tuple[float, float, int]) -> str:
     mean, std, n = stat
-    return "–" if n == 0 else f"{mean:.3f} ± {std:.3f}"
+    if n == 0:
+        return "–"
+    return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"  # one seed has no spread to show
 
 
 def write_table(study: Study, rows: list[dict], command: str) -> list[Path]:
