@@ -142,12 +142,12 @@ def run_config(study: Study, run: Run) -> dict:
 
 
 def is_trained(study: Study, run: Run) -> bool:
-    from vlseg.checkpoint import list_checkpoints
+    from vlseg.checkpoint import list_checkpoints, read_metadata
 
     found = list_checkpoints(run.run_dir)
     if not found:
         return False
-    meta = json.loads((found[-1] / "vlseg.json").read_text())
+    meta = read_metadata(found[-1])
     return int(meta["step"]) >= int(meta["config"]["train"]["steps"])
 
 

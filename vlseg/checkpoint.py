@@ -62,9 +62,7 @@ def save_checkpoint(run_dir: Path, step: int, weights, meta: dict, save_training
         save_training_state(tmp / "training_state")
     barrier()
     if is_main:
-        state = weights(tmp) if callable(weights) else weights
-        save_file({k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-                   for k, v in state.items()}, str(tmp / WEIGHTS))
+        write_weights(weights(tmp) if callable(weights) else weights, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps({"format": FORMAT, "step": step, "saved_at": time.time(), **meta},
                                            indent=1))
         if final.exists():
@@ -77,6 +75,12 @@ def save_checkpoint(run_dir: Path, step: int, weights, meta: dict, save_training
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def write_weights(state: dict, path: Path) -> None:
+    """Save a state dict as safetensors, floating-point tensors in fp32 (16-bit training included)."""
+    save_file({k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
+               for k, v in state.items()}, str(path))
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
@@ -105,9 +109,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise VlsegError(f"{path}: not a vlseg checkpoint (no {META} and no checkpoint-* inside)")
 
 
-def read_checkpoint(path: str | Path) -> tuple[Path, dict, dict]:
-    """→ (checkpoint dir, metadata, state dict). Every failure is a one-line VlsegError naming the file."""
-    ckpt = resolve_checkpoint(path)
+def read_metadata(ckpt: Path) -> dict:
+    """A checkpoint folder's validated ``vlseg.json``; every failure is a one-line VlsegError naming the file."""
     try:
         meta = json.loads((ckpt / META).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -117,6 +120,13 @@ def read_checkpoint(path: str | Path) -> tuple[Path, dict, dict]:
             raise VlsegError(f"{ckpt / META}: checkpoint metadata lacks {key!r}")
     if meta["format"] > FORMAT:
         raise VlsegError(f"{ckpt / META}: checkpoint format {meta['format']} is newer than this vlseg ({FORMAT})")
+    return meta
+
+
+def read_checkpoint(path: str | Path) -> tuple[Path, dict, dict]:
+    """→ (checkpoint dir, metadata, state dict). Every failure is a one-line VlsegError naming the file."""
+    ckpt = resolve_checkpoint(path)
+    meta = read_metadata(ckpt)
     if not (ckpt / WEIGHTS).is_file():
         raise VlsegError(f"{ckpt / WEIGHTS}: weights file missing")
     try:
@@ -195,11 +205,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     A DeepSpeed checkpoint's weights are consolidated again from its partitions (so a checkpoint whose
     ``model.safetensors`` is missing or stale is repaired)."""
     source = resolve_checkpoint(source)
-    meta_path = source / META
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise VlsegError(f"{meta_path}: unreadable checkpoint metadata ({exc})") from None
+    meta = read_metadata(source)
     strategy = (meta.get("distributed") or {}).get("strategy", "ddp")
     if strategy == "deepspeed" and (source / "training_state" / DEEPSPEED_TAG).is_dir():
         state = deepspeed_fp32_weights(source / "training_state")
@@ -209,7 +215,6 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise VlsegError(f"{out}: already exists and is not empty")
     with atomic_dir(out) as tmp:
-        save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous()
-                   for k, v in state.items()}, str(tmp / WEIGHTS))
+        write_weights(state, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps(meta, indent=1))
     return out

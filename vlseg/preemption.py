@@ -1,8 +1,8 @@
 """Preemption: a cluster scheduler sends SIGTERM some time before it kills a job.
 
 While training runs, SIGTERM (and SIGUSR1, which SLURM's ``--signal`` can send ahead of the time limit) only raise a
-flag; the training loop checks it after every optimiser step — all processes agree through one reduction, so they
-stop at the same step — writes a checkpoint and exits with ``PREEMPTED_EXIT``.  ``train.py --resume auto`` (or
+flag; the training loop checks it between optimiser steps — all processes agree through the reduction each step already
+makes, so they stop after the same step — writes a checkpoint and exits with ``PREEMPTED_EXIT``.  ``train.py --resume auto`` (or
 ``--resume <run>``) then continues from exactly that step.
 """
 

@@ -271,7 +271,12 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
             # The loss is normalised by the step's supervised pairs over all processes and micro-batches, so the
             # gradient is that of the global batch's mean, however the batch is split (vlseg.losses).
             n_local = sum(int(loss_fn.supervised(m["annotated"], m["query_mask"]).sum()) for m in micros)
-            n_global = float(all_reduce(torch.tensor([n_local], dtype=torch.float64))[0])
+            # The same reduction tells every process whether any of them was asked to stop: then all stop together,
+            # the previous step being the last one (checkpointed below the loop).
+            n_global, stops = all_reduce(torch.tensor([n_local, float(bool(stop))], dtype=torch.float64)).tolist()
+            if stops:
+                step -= 1
+                break
             # accelerate (or DeepSpeed) divides by the accumulation steps and DDP averages over processes: undo both.
             scale = world_size * accum / max(n_global, 1.0)
             lr = base_lr * lr_factor(step - 1, warmup, steps, min_ratio)
@@ -328,12 +333,9 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
                             writer.add_scalar(f"loss_by_dataset/{d}", float(window[i, 0] / window[i, 1]), step)
             if log_now:
                 window.zero_()
-            preempted = bool(all_reduce(torch.tensor([float(bool(stop))]), "max")[0])
-            if preempted or step % int(tcfg["checkpoint_every"]) == 0 or step == steps:
+            if step % int(tcfg["checkpoint_every"]) == 0 or step == steps:
                 checkpoint(step)
                 last_saved = step
-            if preempted:
-                break
         signal_name = stop.signal_name
     bar.close()
     if last_saved != step and (step > start or not list_checkpoints(run_dir)):
