@@ -14,8 +14,8 @@ from vlseg.ablate import collect, commands, load_study, main
 from vlseg.errors import VlsegError
 
 
-def _study(tmp_path, **spec):
-    path = tmp_path / "study.yaml"
+def _study(tmp_path, file_name="study.yaml", **spec):
+    path = tmp_path / file_name
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
@@ -73,3 +73,18 @@ def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_
     info = json.loads((out / "masked" / "seed0" / "run_info.json").read_text())
     assert info["latest"]["packages"]["torch"] and info["latest"]["hardware"]["cpus"] >= 1
     assert "commit" in info["latest"]["git"]
+    # Another study whose baseline is the same computation links to the finished run instead of training it again;
+    # --seeds runs a subset; evaluation settings of their own get an evaluation folder of their own.
+    same = _study(tmp_path, "other.yaml", name="other", overrides=tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir,
+                                                                   **{"train.steps": 2, "train.checkpoint_every": 2}),
+                  variants={"baseline": []}, seeds=[0, 1], evaluate={"split": "test", "all_classes": True},
+                  output=str(tmp_path / "other"), table=str(tmp_path / "results"))
+    assert main([str(same), "--seeds", "0", "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert "linked" in log and ": training" not in log and "seed 1" not in log
+    linked = tmp_path / "other" / "baseline" / "seed0"
+    assert linked.is_symlink() and linked.resolve() == (out / "masked" / "seed0").resolve()
+    assert (linked / "eval-test-all" / "summary.json").is_file() and (linked / "eval-test" / "summary.json").is_file()
+    assert collect(load_study(same))[0]["seeds"] == 1
+    assert main([str(same), "--seeds", "7"]) == 2
+    assert "seed 7 is not one of the study's seeds" in capsys.readouterr().err

@@ -87,3 +87,37 @@ def test_focal_pixel_term_discounts_easy_voxels():
     assert float(SegmentationLoss(pixel="focal", focal_gamma=0.0)(outputs, target, ones, ones)["bce"]) == \
         pytest.approx(float(bce["bce"]))  # γ = 0 is BCE
     assert focal["dice"] == pytest.approx(float(bce["dice"]))
+
+
+def test_deep_supervision_weights_coarser_heads_and_sums_to_one():
+    loss = LOSSES.build({"name": "masked"})
+    target = torch.ones(1, 1, 8, 8, 4)
+    annotated = query_mask = torch.ones(1, 1, dtype=torch.bool)
+    flat = {"mask_logits": torch.full((1, 1, 8, 8, 4), 0.3), "presence_logits": torch.zeros(1, 1)}
+    # A full target and constant logits give the same BCE and Dice at every resolution, so weights summing to one
+    # leave the loss unchanged ...
+    same = dict(flat, aux_mask_logits=[torch.full((1, 1, 4, 4, 2), 0.3), torch.full((1, 1, 2, 2, 1), 0.3)])
+    torch.testing.assert_close(loss(same, target, annotated, query_mask)["loss"],
+                               loss(flat, target, annotated, query_mask)["loss"])
+    # ... while a wrong coarse head raises it, and its gradient reaches that head.
+    aux = torch.full((1, 1, 4, 4, 2), -3.0, requires_grad=True)
+    worse = loss(dict(flat, aux_mask_logits=[aux]), target, annotated, query_mask)["loss"]
+    assert worse > loss(flat, target, annotated, query_mask)["loss"]
+    worse.backward()
+    assert aux.grad.abs().sum() > 0
+
+
+def test_deep_supervision_targets_are_reduced_by_majority():
+    loss = LOSSES.build({"name": "masked"})
+    target = torch.zeros(1, 1, 4, 4, 4)
+    target[0, 0, :2, :2, :2] = 1  # one full 2×2×2 block: foreground at 1/2 resolution
+    target[0, 0, 2, 2, 2] = 1  # one voxel of eight: background there
+    annotated = query_mask = torch.ones(1, 1, dtype=torch.bool)
+    good = torch.full((1, 1, 2, 2, 2), -20.0)
+    good[0, 0, 0, 0, 0] = 20.0
+    bad = good.clone()
+    bad[0, 0, 1, 1, 1] = 20.0
+    base = {"mask_logits": torch.zeros(1, 1, 4, 4, 4), "presence_logits": torch.zeros(1, 1)}
+    l_good = loss(dict(base, aux_mask_logits=[good]), target, annotated, query_mask)["loss"]
+    l_bad = loss(dict(base, aux_mask_logits=[bad]), target, annotated, query_mask)["loss"]
+    assert l_good < l_bad

@@ -133,3 +133,74 @@ def test_clip_universal_reference_shape():
     with torch.no_grad():  # 64³: at 32³ the bottleneck is one voxel, which InstanceNorm cannot normalise
         out = net(torch.randn(1, 1, 64, 64, 64), text.encode(["liver", "liver tumor"])[None])
     assert out["mask_logits"].shape == (1, 2, 64, 64, 64)
+
+
+def _tiny_unet():
+    torch.manual_seed(0)
+    return UNet3D(widths=(8, 16, 32), strides=(1, 2, 2), embed_dim=16)
+
+
+def test_sat_style_fused_keys_from_the_encoder():
+    unet = _tiny_unet()
+    features = unet(torch.randn(2, 1, 32, 32, 16))
+    assert [f.shape[1] for f in features.encoder] == [8, 16, 32]
+    # The encoder's and the decoder's maps differ, so where the keys come from changes the masks.
+    assert not torch.allclose(features.encoder[0], features.multiscale[0])
+    torch.manual_seed(1)
+    enc_keys = QueryDecoder(40, unet.feature_channels, 16, dim=32, heads=4, key_fusion="concat",
+                            key_source="encoder", key_scales=[0, 1, 2], ffn_dim=48, mask_hidden=24)
+    torch.manual_seed(1)
+    dec_keys = QueryDecoder(40, unet.feature_channels, 16, dim=32, heads=4, key_fusion="concat",
+                            key_source="decoder", key_scales=[0, 1, 2], ffn_dim=48, mask_hidden=24)
+    # One token set: all three scales pooled to the coarsest grid (8 × 8 × 4) and concatenated (8 + 16 + 32 channels).
+    assert enc_keys.key_proj[0].in_features == 56 and enc_keys.layers[0].ffn[0].out_features == 48
+    keys, _ = enc_keys._tokens(features)
+    assert keys.shape == (2, 8 * 8 * 4, 32)
+    prompts = torch.randn(2, 3, 40)
+    a, b = enc_keys(features, prompts)["mask_logits"], dec_keys(features, prompts)["mask_logits"]
+    assert a.shape == (2, 3, 32, 32, 16) and not torch.allclose(a, b)
+    # An encoder that does not expose its encoder outputs is told so in one line.
+    from vlseg.errors import VlsegError
+    from vlseg.models.unet import ImageFeatures
+
+    with pytest.raises(VlsegError, match="key_source"):
+        enc_keys(ImageFeatures(features.multiscale, features.voxel_embedding), prompts)
+
+
+def test_deep_supervision_heads_train_only():
+    unet = _tiny_unet()
+    decoder = QueryDecoder(40, unet.feature_channels, 16, dim=32, heads=4, deep_supervision=2)
+    features = unet(torch.randn(1, 1, 32, 32, 16))
+    out = decoder(features, torch.randn(1, 2, 40))
+    assert [a.shape for a in out["aux_mask_logits"]] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]
+    sum(a.square().mean() for a in out["aux_mask_logits"]).backward()
+    assert all(h[2].weight.grad.abs().sum() > 0 for h in decoder.aux_heads)
+    decoder.eval()
+    assert "aux_mask_logits" not in decoder(features, torch.randn(1, 2, 40))  # inference pays nothing for it
+    with pytest.raises(ValueError, match="deep_supervision"):
+        QueryDecoder(40, unet.feature_channels, 16, deep_supervision=3)
+
+
+def test_unetr_encoder_features_and_size_check():
+    from vlseg.errors import VlsegError
+    from vlseg.models.monai_encoders import UNETREncoder
+
+    cfg = load_config(None, ["image_encoder.name=unetr", "image_encoder.img_size=[32,32,32]",
+                             "image_encoder.feature_size=8", "image_encoder.hidden_size=48",
+                             "image_encoder.mlp_dim=96", "image_encoder.num_heads=4", "image_encoder.embed_dim=16",
+                             "fusion.dim=32", "fusion.heads=4"])
+    vocab = Vocabulary.load("default").subset({"liver", "spleen"}, source="test")
+    net, text = build_network(cfg, vocab)
+    assert isinstance(net.image_encoder, UNETREncoder)
+    features = net.encode_image(torch.randn(1, 1, 32, 32, 32))
+    assert [tuple(f.shape[1:]) for f in features.multiscale] == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8),
+                                                                 (64, 4, 4, 4), (48, 2, 2, 2)]
+    out = net(torch.randn(1, 1, 32, 32, 32), text.encode(["liver", "spleen"])[None])
+    assert out["mask_logits"].shape == (1, 2, 32, 32, 32)
+    with pytest.raises(VlsegError, match="img_size"):
+        net.encode_image(torch.randn(1, 1, 32, 32, 16))
+    # The published UNETR (96³, feature size 16, ViT-B): ~92.6 M parameters.
+    from vlseg.models.network import count_parameters
+
+    n = count_parameters(load_config(None, ["image_encoder.name=unetr", "image_encoder.img_size=96"]), 384)
+    assert abs(n["image_encoder"] - 92.6e6) / 92.6e6 < 0.05

@@ -99,3 +99,18 @@ def test_onehot_maps_synonyms_to_their_class_and_rejects_free_text():
     assert not enc.frozen and enc.table.weight.requires_grad
     with pytest.raises(VlsegError, match="only knows the vocabulary"):
         enc.encode(["pancreatic cyst"])
+
+
+def test_hf_prompt_template(tiny_bert_dir):
+    plain = build_text_encoder({"name": "hf", "path": str(tiny_bert_dir)}, VOCAB)
+    templated = build_text_encoder({"name": "hf", "path": str(tiny_bert_dir),
+                                    "template": "a computerized tomography of a {}"}, VOCAB)
+    assert not torch.allclose(plain.encode(["liver"]), templated.encode(["liver"]))
+    # The template is part of the encoder's identity (a checkpoint rebuilds it), and of the embedding cache's key.
+    assert templated.identity()["template"] == "a computerized tomography of a {}"
+    assert "template" not in plain.identity() and plain.cache_key() != templated.cache_key()
+    direct = build_text_encoder({"name": "hf", "path": str(tiny_bert_dir)}, VOCAB)
+    assert torch.allclose(direct.encode(["a computerized tomography of a liver"]), templated.encode(["liver"]),
+                          atol=1e-6)
+    with pytest.raises(VlsegError, match="template"):
+        build_text_encoder({"name": "hf", "path": str(tiny_bert_dir), "template": "no slot"}, VOCAB)

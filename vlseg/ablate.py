@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import itertools
 import json
+import os
 import re
 import shlex
 import statistics
@@ -73,7 +75,9 @@ class Study:
     table: Path
 
     def eval_dir(self, run: Run) -> Path:
-        return run.run_dir / f"eval-{self.split}"
+        # Named by the evaluation settings, so a run shared with another study keeps each study's evaluation apart.
+        suffix = ("-all" if self.all_classes else "") + (f"-{_slug(Path(self.manifest).stem)}" if self.manifest else "")
+        return run.run_dir / f"eval-{self.split}{suffix}"
 
 
 def _slug(text: str) -> str:
@@ -141,14 +145,60 @@ def run_config(study: Study, run: Run) -> dict:
     return load_config(study_base(study), run.all_overrides())
 
 
-def is_trained(study: Study, run: Run) -> bool:
+REQUEST_FILE = "ablation_request.json"
+
+
+def fingerprint(cfg: dict) -> str:
+    """What a run computes, independent of where it is written: its resolved config without the output location."""
+    import hashlib
+
+    content = {k: v for k, v in cfg.items() if k not in ("output_root", "run_name")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_request(study: Study, run: Run) -> str:
+    """Write the run's requested config and its fingerprint into the run directory; return the fingerprint."""
+    cfg = run_config(study, run)
+    digest = fingerprint(cfg)
+    path = run.run_dir / REQUEST_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fingerprint": digest, "study": study.name, "variant": run.variant,
+                                    "seed": run.seed, "config": cfg}, indent=1, default=str))
+    return digest
+
+
+def find_identical(study: Study, run: Run) -> Path | None:
+    """A finished run of another study (a sibling of this study's output folder) with the same fingerprint.
+
+    Shipped studies share their baseline (configs/real.yaml, 1,500 steps): it is trained once per seed and the
+    other studies link to it instead of spending another quarter of an hour recomputing the same weights."""
+    digest = fingerprint(run_config(study, run))
+    for request in sorted(study.output.parent.glob(f"*/*/seed*/{REQUEST_FILE}")):
+        other = request.parent
+        if other.resolve() == run.run_dir.resolve() or other.is_symlink():
+            continue
+        try:
+            found = json.loads(request.read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            continue
+        if found == digest and _finished(other):
+            return other
+    return None
+
+
+def _finished(run_dir: Path) -> bool:
     from vlseg.checkpoint import list_checkpoints, read_metadata
 
-    found = list_checkpoints(run.run_dir)
+    found = list_checkpoints(run_dir)
     if not found:
         return False
     meta = read_metadata(found[-1])
     return int(meta["step"]) >= int(meta["config"]["train"]["steps"])
+
+
+def is_trained(study: Study, run: Run) -> bool:
+    return _finished(run.run_dir)
 
 
 def is_evaluated(study: Study, run: Run) -> bool:
@@ -167,8 +217,17 @@ def execute(study: Study, progress: bool = True) -> None:
             print(f"{head}: done, skipped", flush=True)
             continue
         if not is_trained(study, run):
-            print(f"{head}: training", flush=True)
-            train(run_config(study, run), resume="auto", progress=progress)
+            same = None if run.run_dir.exists() else find_identical(study, run)
+            if same is not None:  # a relative link, so the results folder can move as a whole
+                run.run_dir.parent.mkdir(parents=True, exist_ok=True)
+                run.run_dir.symlink_to(os.path.relpath(same, run.run_dir.parent), target_is_directory=True)
+                print(f"{head}: identical to the finished run {same}, linked", flush=True)
+                if is_evaluated(study, run):
+                    continue
+            else:
+                record_request(study, run)
+                print(f"{head}: training", flush=True)
+                train(run_config(study, run), resume="auto", progress=progress)
         print(f"{head}: evaluating", flush=True)
         segmenter = Segmenter.from_pretrained(run.run_dir)
         manifest = study.manifest or segmenter.config["data"]["manifest"]
@@ -318,16 +377,24 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--emit-commands", action="store_true", help="print one launch line per run instead of running")
     mode.add_argument("--collect", action="store_true", help="only build the table from the runs that finished")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="K",
+                        help="run (or emit) only these of the study's seeds; the table still shows every finished run")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     def go():
         study = load_study(args.study)
+        todo = study
+        if args.seeds:
+            missing = sorted(set(args.seeds) - {r.seed for r in study.runs})
+            if missing:
+                raise VlsegError(f"{args.study}: seed {missing[0]} is not one of the study's seeds")
+            todo = dataclasses.replace(study, runs=[r for r in study.runs if r.seed in args.seeds])
         if args.emit_commands:
-            print("\n".join(commands(study, args.study)))
+            print("\n".join(commands(todo, args.study)))
             return
         if not args.collect:
-            execute(study, progress=not args.no_progress)
+            execute(todo, progress=not args.no_progress)
         rows = collect(study)
         for path in write_table(study, rows, f"python -m vlseg.ablate {args.study}"):
             print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""The ``vlseg`` command: ``predict``, ``classes``, ``train``, ``evaluate``, ``demo``.
+"""The ``vlseg`` command: ``predict``, ``classes``, ``train``, ``evaluate``, ``demo``, ``export``, ``params``,
+``launch``.
 
 Bad input ends in one line on stderr, ``error: <file>: <problem>``, and exit status 2 — never a traceback.
 """
@@ -114,6 +115,33 @@ def export(argv=None) -> int:
     return run_guarded(go)
 
 
+def params(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlseg params", description=(
+        "Count the parameters a config builds (image encoder and fusion; the text tower is not built), without "
+        "allocating them."))
+    parser.add_argument("config", help="experiment YAML, e.g. configs/reference/sat_nano.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    parser.add_argument("--text-dim", type=int, default=None,
+                        help="the text tower's width (default: 512 for clip, as ViT-B; 768 otherwise, as BERT-base)")
+    args = parser.parse_args(argv)
+
+    def go():
+        from vlseg.config import load_config
+        from vlseg.models.network import count_parameters
+
+        cfg = load_config(args.config, args.overrides)
+        text_dim = args.text_dim or (512 if cfg["text_encoder"].get("name") == "clip" else 768)
+        try:
+            counts = count_parameters(cfg, text_dim)
+        except (TypeError, ValueError) as exc:
+            raise VlsegError(f"{args.config}: cannot build the network ({exc})") from None
+        for key, n in counts.items():
+            print(f"{key:<14} {n / 1e6:10.2f} M")
+        print(f"(text tower of width {text_dim} not counted)")
+
+    return run_guarded(go)
+
+
 def launch(argv=None) -> int:
     """``vlseg launch [accelerate launch options] train.py ...``: accelerate's launcher, started after vlseg's
     torchvision shim, so it also works where the plain ``accelerate`` command cannot import (see README)."""
@@ -128,22 +156,24 @@ def launch(argv=None) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"predict": "vlseg.cli", "classes": "vlseg.cli", "train": "vlseg.train", "evaluate": "vlseg.evaluate",
-                "demo": "vlseg.demo", "export": "vlseg.cli", "launch": "vlseg.cli"}
+                "demo": "vlseg.demo", "export": "vlseg.cli", "launch": "vlseg.cli", "params": "vlseg.cli"}
     if not argv or argv[0] not in commands:
-        print("usage: vlseg {predict,classes,train,evaluate,demo,export,launch} ...\n"
+        print("usage: vlseg {predict,classes,train,evaluate,demo,export,params,launch} ...\n"
               "  predict   segment a scan: vlseg predict -i scan.nii.gz -p 'liver tumor' -p liver -o out/\n"
               "  classes   list the canonical vocabulary (--json, --modality CT)\n"
               "  train     train a model: vlseg train --config configs/phantom.yaml [key=value ...]\n"
               "  evaluate  score a checkpoint on a manifest split (Dice, NSD, HD95)\n"
               "  demo      the main job: phantoms -> train -> evaluate -> predict 'liver tumor'\n"
               "  export    consolidated fp32 copy of a (DeepSpeed) checkpoint, without optimiser state\n"
+              "  params    parameter counts of a config's network, e.g. vlseg params configs/reference/sat_pro.yaml\n"
               "  launch    accelerate launch, e.g. vlseg launch --multi_gpu --num_processes 8 train.py ...",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 
     module = importlib.import_module(commands[argv[0]])  # import only what the chosen command needs
-    return getattr(module, argv[0] if argv[0] in ("predict", "classes", "export", "launch") else "main")(argv[1:])
+    own = ("predict", "classes", "export", "launch", "params")  # defined here; the others are modules' main()
+    return getattr(module, argv[0] if argv[0] in own else "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -48,6 +48,14 @@ class SegmentationLoss(nn.Module):
         self.bce_weight, self.dice_weight, self.presence_weight = bce_weight, dice_weight, presence_weight
         self.empty_kappa = empty_kappa
 
+    def _pixel(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-row mean of the per-voxel term: BCE, or focal."""
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if self.pixel == "focal":
+            p_true = torch.exp(-bce)  # the probability given to the true label
+            bce = (1.0 - p_true).pow(self.focal_gamma) * bce
+        return bce.mean(-1)
+
     def supervised(self, annotated: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
         real = query_mask.bool()
         return real & annotated.bool() if self.partial_labels == "masked" else real
@@ -70,15 +78,26 @@ class SegmentationLoss(nn.Module):
                     "pairs": torch.zeros((0, 4)), "pair_sample": torch.zeros(0, dtype=torch.long)}
         lg = logits[keep].flatten(1).float()  # [n, V] — unsupervised queries never enter the graph below
         tg = target[keep].flatten(1).float()
-        bce = F.binary_cross_entropy_with_logits(lg, tg, reduction="none")
-        if self.pixel == "focal":
-            p_true = torch.exp(-bce)  # the probability given to the true label
-            bce = (1.0 - p_true).pow(self.focal_gamma) * bce
-        bce = bce.mean(-1)  # ("bce" below is the per-voxel term, whichever it is)
+        bce = self._pixel(lg, tg)  # ("bce" below is the per-voxel term, whichever it is)
         dice = soft_dice_loss(torch.sigmoid(lg), tg, self.empty_kappa)
         present = (tg.amax(-1) > 0).float()
         pres = F.binary_cross_entropy_with_logits(presence[keep].float(), present, reduction="none")
-        per_pair = self.bce_weight * bce + self.dice_weight * dice + self.presence_weight * pres
+        mask_term = self.bce_weight * bce + self.dice_weight * dice
+        aux = outputs.get("aux_mask_logits") or []
+        if aux:
+            # Deep supervision: the same mask terms on each coarser head against the target reduced by majority
+            # (area average ≥ ½), weighted 1, ½, ¼ … and normalised to sum to 1 as nnU-Net does.
+            weights = [0.5 ** i for i in range(len(aux) + 1)]
+            total_w = sum(weights)
+            mask_term = mask_term * (weights[0] / total_w)
+            for w, level_logits in zip(weights[1:], aux):
+                lg_l = level_logits[keep].float()
+                tg_l = (F.interpolate(target[keep].float()[:, None], size=lg_l.shape[1:], mode="area")[:, 0] >= 0.5)
+                lg_l, tg_l = lg_l.flatten(1), tg_l.flatten(1).float()
+                bce_l = self._pixel(lg_l, tg_l)
+                dice_l = soft_dice_loss(torch.sigmoid(lg_l), tg_l, self.empty_kappa)
+                mask_term = mask_term + (w / total_w) * (self.bce_weight * bce_l + self.dice_weight * dice_l)
+        per_pair = mask_term + self.presence_weight * pres
         total = per_pair.mean() if normalizer is None else per_pair.sum() / normalizer
         return {"loss": total, "bce": bce.mean().detach(), "dice": dice.mean().detach(),
                 "presence": pres.mean().detach(), "n": n,

@@ -43,3 +43,46 @@ class SwinUNETREncoder(nn.Module):
         dec0 = n.decoder2(dec1, enc1)
         out = n.decoder1(dec0, enc0)
         return ImageFeatures(multiscale=[out, dec0, dec1, dec2, dec3, dec4], voxel_embedding=self.embed(out))
+
+
+@IMAGE_ENCODERS.register("unetr")
+class UNETREncoder(nn.Module):
+    """UNETR (a 12-layer ViT on 16³ patches with a convolutional decoder). Its position embedding is learnt for one
+    input size, ``img_size``, so training crops and inference windows must both be that size (the config's
+    ``data.crop_size``, which inference uses as its window)."""
+
+    def __init__(self, img_size, in_channels: int = 1, feature_size: int = 16, hidden_size: int = 768,
+                 mlp_dim: int = 3072, num_heads: int = 12, embed_dim: int = 32, dropout: float = 0.0):
+        super().__init__()
+        from monai.networks.nets import UNETR
+
+        self.img_size = tuple(int(v) for v in (img_size if isinstance(img_size, (list, tuple)) else [img_size] * 3))
+        if any(v % 16 for v in self.img_size):
+            raise ValueError(f"image_encoder.img_size={list(self.img_size)}: every side must be a multiple of 16")
+        self.net = UNETR(in_channels=in_channels, out_channels=1, img_size=self.img_size, feature_size=feature_size,
+                         hidden_size=hidden_size, mlp_dim=mlp_dim, num_heads=num_heads, dropout_rate=dropout)
+        self.net.out = nn.Identity()
+        fs = feature_size
+        self.feature_channels = [fs, 2 * fs, 4 * fs, 8 * fs, hidden_size]
+        self.embed_dim = embed_dim
+        self.total_stride = (16, 16, 16)
+        self.embed = nn.Conv3d(fs, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> ImageFeatures:
+        if tuple(x.shape[2:]) != self.img_size:
+            from vlseg.errors import VlsegError
+
+            raise VlsegError(f"unetr was built for {list(self.img_size)} inputs and got {list(x.shape[2:])}: set "
+                             f"image_encoder.img_size to data.crop_size")
+        n = self.net
+        tokens, hidden = n.vit(x)
+        enc1 = n.encoder1(x)
+        enc2 = n.encoder2(n.proj_feat(hidden[3]))
+        enc3 = n.encoder3(n.proj_feat(hidden[6]))
+        enc4 = n.encoder4(n.proj_feat(hidden[9]))
+        dec4 = n.proj_feat(tokens)
+        dec3 = n.decoder5(dec4, enc4)
+        dec2 = n.decoder4(dec3, enc3)
+        dec1 = n.decoder3(dec2, enc2)
+        out = n.decoder2(dec1, enc1)
+        return ImageFeatures(multiscale=[out, dec1, dec2, dec3, dec4], voxel_embedding=self.embed(out))

@@ -116,3 +116,27 @@ def network_from_checkpoint(path) -> tuple[VLSegNet, TextEncoder, "Vocabulary", 
                          f"but the model was trained with {want}")
     load_network_state(net, state, ckpt / "model.safetensors")
     return net, text_encoder, vocabulary, cfg, meta
+
+
+def count_parameters(cfg: dict, text_dim: int) -> dict:
+    """Parameters of the image encoder and the fusion a config builds, for a text tower of width ``text_dim``
+    (the tower itself is not built: published model sizes such as SAT's leave it out).
+
+    Built on the meta device (no memory, no initialisation time) where the component allows it; MONAI's SwinUNETR
+    computes a relative-position index at construction, which the meta device cannot, so it is built on the CPU."""
+    counts = {}
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
+                fusion = FUSIONS.build(cfg["fusion"], text_dim=text_dim,
+                                       feature_channels=image_encoder.feature_channels,
+                                       embed_dim=image_encoder.embed_dim)
+            break
+        except (NotImplementedError, RuntimeError):
+            if device == "cpu":
+                raise
+    counts["image_encoder"] = sum(p.numel() for p in image_encoder.parameters())
+    counts["fusion"] = sum(p.numel() for p in fusion.parameters())
+    counts["total"] = counts["image_encoder"] + counts["fusion"]
+    return counts

