@@ -3,6 +3,7 @@
     python -m vlseg.ablate configs/ablations/<study>.yaml                  # run what is missing, then the table
     python -m vlseg.ablate configs/ablations/<study>.yaml --emit-commands  # one shell line per run, for a scheduler
     python -m vlseg.ablate configs/ablations/<study>.yaml --collect        # only the table, from finished runs
+    python -m vlseg.ablate configs/ablations/<study>.yaml --seeds 0        # only some of the study's seeds
 
 A study file::
 
@@ -19,10 +20,13 @@ A study file::
     output: checkpoints/ablations/masked_vs_naive
     table: docs/results/masked_vs_naive   # where the markdown/CSV/PNG go (default: output)
 
-Every variant × grid point × seed is one run, starting from ``<output>/base.yaml`` (``base`` plus ``overrides``), ``<output>/<variant>/seed<k>/``, trained with ``--resume auto`` (a run
-that finished is skipped, an interrupted one continues) and evaluated once.  The table gives Dice mean ± std over seeds
-per class and overall (and on held-out paraphrases where the vocabulary has them), with the compute each cost:
-parameters in the checkpoint, training time (``run_info.json``) and evaluation seconds per case.
+Every variant × grid point × seed is one run in ``<output>/<variant>/seed<k>/``, starting from
+``<output>/base.yaml`` (``base`` plus ``overrides``), trained with ``--resume auto`` (a run that finished is skipped,
+an interrupted one continues) and evaluated once.  A run identical to a finished run of another study under the same
+parent folder (the same resolved config apart from where it is written) is linked to that run instead of being trained
+again.  The table gives Dice mean ± std over seeds per class and overall (and on held-out paraphrases where the
+vocabulary has them), with the compute each cost: parameters in the checkpoint, training time (``run_info.json``) and
+evaluation seconds per case.
 """
 
 from __future__ import annotations
