@@ -60,7 +60,17 @@ def predict(argv=None) -> int:
         result = segmenter.segment(scan, prompts, modality=args.modality)
         files = result.save(args.output, overlay=not args.no_overlay)
         for r in result.results:
-            print(f"{r.prompt!r}: presence {r.presence_probability:.2f}, {r.volume_ml:.1f} ml -> {files[r.prompt]}")
+            m = r.match
+            if m is None or m.how in ("name", "as written"):
+                asked = ""
+            elif m.vocabulary_class:
+                asked = f" (as {m.vocabulary_class!r}: {m.how})"
+            else:
+                asked = " (free text; nearest " + ", ".join(f"{c!r} {v:.2f}" for c, v in m.nearest[:2]) + ")"
+            verdict = (f"{r.volume_ml:.1f} ml" if r.present else
+                       "judged absent: empty mask" if r.presence_probability < segmenter.presence_threshold else
+                       "nothing above the mask threshold")
+            print(f"{r.prompt!r}{asked}: presence {r.presence_probability:.2f}, {verdict} -> {files[r.prompt]}")
         for key in ("report", "overlay"):
             if key in files:
                 print(f"{key}: {files[key]}")

@@ -56,7 +56,7 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
                                                           True):
             asks += [(name, text, "heldout") for name in names if name in vocabulary.names
                      for text in vocabulary.heldout[name]]
-        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality)
+        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False)
         segmented += 1
         for (name, _, wording), r in zip(asks, result.results):
             scores = score_case(r.mask.astype(bool), case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)

@@ -1,8 +1,9 @@
 """Inference: ``Segmenter.from_pretrained(ckpt).segment(scan, ["liver tumor", "liver"])``.
 
-The scan is brought to the model's frame (RAS-canonical, the training spacing if one was set, normalised), a MONAI
-sliding window with Gaussian blending runs the image encoder once per window and decodes every prompt from those
-features, and the masks are mapped back onto the input's exact grid (shape, orientation, affine).
+The scan is brought to the model's frame (RAS-canonical, the training spacing if one was set, normalised), a sliding
+window with Gaussian blending (``vlseg.stitching``) runs the image encoder once per window and decodes every prompt from
+those features in chunks, and the masks are mapped back onto the input's exact grid (shape, orientation, affine) with
+memory that does not grow with the number of prompts.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlseg.io import (Scan, load_scan, normalize_intensity, positive_triple, resample_to_shape, resample_to_spacing,
-                      save_like)
+from vlseg.io import Scan, load_scan, normalize_intensity, positive_triple, resample_to_spacing, save_like
 from vlseg.models.network import network_from_checkpoint
-from vlseg.prompts import slug, validate_prompts
+from vlseg.prompts import PromptMatch, interpret_prompts, slug, validate_prompts
+from vlseg.stitching import BoxMask, stitch, upsample_box
 
 
 @dataclass
@@ -30,9 +31,10 @@ class PromptResult:
     vocabulary_class: str | None
     presence_probability: float
     present: bool
-    mask: np.ndarray  # uint8 on the canonical grid of the scan
+    mask: BoxMask  # uint8 on the canonical grid of the scan, stored as the box that holds it (np.asarray: full array)
     voxels: int
     volume_ml: float
+    match: PromptMatch | None = None  # how the prompt was understood
 
 
 @dataclass
@@ -48,7 +50,7 @@ class SegmentationResult:
         """A prompt's mask on the input's own array layout (``space="original"``) or the canonical grid."""
         for r in self.results:
             if r.prompt == prompt:
-                return self.scan.to_original(r.mask) if space == "original" else r.mask
+                return self.scan.to_original(r.mask) if space == "original" else np.asarray(r.mask)
         raise KeyError(prompt)
 
     def report(self, files: dict[str, str] | None = None) -> dict:
@@ -61,6 +63,8 @@ class SegmentationResult:
             "prompts": [{"prompt": r.prompt, "vocabulary_class": r.vocabulary_class,
                          "presence_probability": round(r.presence_probability, 4), "present": r.present,
                          "voxels": r.voxels, "volume_ml": round(r.volume_ml, 3),
+                         **({k: v for k, v in r.match.as_dict().items() if k not in ("prompt", "understood_as")}
+                            if r.match else {}),
                          **({"file": files[r.prompt]} if files else {})} for r in self.results],
             **self.extra,
         }
@@ -86,7 +90,7 @@ class SegmentationResult:
                 save_like(r.mask, self.scan, tmp / files[r.prompt])
             written = {p: out_dir / f for p, f in files.items()}
             if overlay:
-                save_overlay(self.scan.data, {r.prompt: r.mask.astype(bool) for r in self.results},
+                save_overlay(self.scan.data, {r.prompt: r.mask for r in self.results},
                              tmp / "overlay.png", spacing=self.scan.spacing, window=self.display_window,
                              title=Path(self.scan.path).name if self.scan.path else None)
                 written["overlay"] = out_dir / "overlay.png"
@@ -140,12 +144,24 @@ class Segmenter:
     def embed(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(prompts).to(self.device)
 
+    @property
+    def presence_threshold(self) -> float:
+        return float(self.config["inference"]["presence_threshold"])
+
+    def understand(self, prompts) -> list[PromptMatch]:
+        """How each prompt will be asked (see ``vlseg.prompts.interpret_prompts``); a one-line error for prompts that
+        cannot be meant as a structure."""
+        return interpret_prompts(prompts, self.vocabulary, self.text_encoder,
+                                 float(self.config["inference"].get("min_prompt_similarity", 0.3)))
+
     @torch.no_grad()
     def segment(self, image, prompts, modality: str = "CT", threshold: float | None = None,
-                presence_threshold: float | None = None) -> SegmentationResult:
-        from monai.inferers import sliding_window_inference
-
+                presence_threshold: float | None = None, interpret: bool = True) -> SegmentationResult:
+        """``interpret=False`` gives the text encoder every prompt exactly as written (evaluation does, so held-out
+        paraphrases test the encoder rather than the vocabulary lookup)."""
         prompts = validate_prompts(prompts)
+        matches = self.understand(prompts) if interpret else [
+            PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
         icfg, dcfg = self.config["inference"], self.config["data"]
         threshold = icfg["threshold"] if threshold is None else threshold
         presence_threshold = icfg["presence_threshold"] if presence_threshold is None else presence_threshold
@@ -155,35 +171,36 @@ class Segmenter:
         spacing = working_spacing(dcfg)
         if spacing is not None:
             data = resample_to_spacing(data, scan.spacing, spacing, order=1)
-        x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None].to(self.device)
-        emb = self.embed(prompts)[None]  # [1, Q, D]
-        presence = torch.zeros(len(prompts), device=self.device)
+        x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
+        del data
+        emb = self.embed([m.query for m in matches])[None]  # [1, Q, D]
 
-        def predictor(window: torch.Tensor) -> torch.Tensor:
-            nonlocal presence
-            features = self.net.encode_image(window)  # once per window, shared by every prompt
-            out = self.net.decode(features, emb.expand(window.shape[0], -1, -1))
-            presence = torch.maximum(presence, torch.sigmoid(out["presence_logits"].float()).amax(0))
-            return torch.sigmoid(out["mask_logits"].float())
+        def encode(windows: torch.Tensor):
+            return self.net.encode_image(windows.to(self.device))  # once per window, shared by every prompt
 
-        prob = sliding_window_inference(x, roi_size=list(dcfg["crop_size"]), sw_batch_size=int(icfg["sw_batch_size"]),
-                                        predictor=predictor, overlap=float(icfg["overlap"]), mode="gaussian",
-                                        padding_mode="replicate")[0]
-        prob = prob.cpu().numpy()
-        if prob.shape[1:] != scan.data.shape:
-            prob = resample_to_shape(prob, scan.data.shape, order=1)
+        def decode(features, start: int, stop: int):
+            out = self.net.decode(features, emb[:, start:stop].expand(features.voxel_embedding.shape[0], -1, -1))
+            return torch.sigmoid(out["mask_logits"].float()), torch.sigmoid(out["presence_logits"].float())
+
+        stitcher, presence = stitch(x, tuple(dcfg["crop_size"]), float(icfg["overlap"]), len(prompts), encode, decode,
+                                    batch_size=int(icfg["sw_batch_size"]), prompt_chunk=int(icfg.get("prompt_chunk", 16)))
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
         results = []
         for q, prompt in enumerate(prompts):
             p_present = float(presence[q])
+            mask = BoxMask(scan.data.shape)
             # The presence head vetoes masks for targets it judges absent: no hallucinated organs.
-            if p_present >= presence_threshold:
-                mask = (prob[q] >= threshold).astype(np.uint8)
-            else:
-                mask = np.zeros(scan.data.shape, np.uint8)
-            results.append(PromptResult(prompt, self.vocabulary.resolve(prompt), p_present, bool(mask.any()), mask,
-                                        int(mask.sum()), int(mask.sum()) * voxel_ml))
+            prob = stitcher.probability(q) if p_present >= presence_threshold else None
+            if prob is not None:
+                # Only the box where the mask can be positive is brought to the scan's grid (one prompt at a time).
+                offset, crop = upsample_box(prob, scan.data.shape, threshold)
+                mask = BoxMask(scan.data.shape, offset, crop)
+            voxels = mask.sum()
+            results.append(PromptResult(prompt, matches[q].vocabulary_class, p_present, voxels > 0, mask, voxels,
+                                        voxels * voxel_ml, matches[q]))
+        stats = {"accumulated_prompts": stitcher.allocated, "windows": len(stitcher.corners)}
         window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device),
-                                         "working_spacing_mm": None if spacing is None else [float(v) for v in spacing]})
+                                         "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
+                                         **stats})

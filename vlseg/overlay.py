@@ -24,6 +24,7 @@ from scipy import ndimage
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
 from vlseg.io import intensity_window, positive_triple
+from vlseg.stitching import BoxMask
 
 # Distinct, saturated, never grey (so a mask colour cannot be mistaken for the scan).  More masks than colours get
 # extra hues from the golden-ratio sequence (see ``mask_colour``).
@@ -68,6 +69,11 @@ def _check_inputs(image, masks, spacing, window):
         raise VlsegError(f"overlay: masks must be a dict of prompt name -> 3D mask, got {type(masks).__name__}")
     arrays = {}
     for name, m in masks.items():
+        if isinstance(m, BoxMask):  # kept as it is: only the three displayed slices are ever built from it
+            if m.shape != image.shape:
+                raise VlsegError(f"overlay: mask {name!r} has shape {m.shape}, the image has {image.shape}")
+            arrays[str(name)] = m
+            continue
         m = np.asarray(m)
         if m.shape != image.shape:
             raise VlsegError(f"overlay: mask {name!r} has shape {m.shape}, the image has {image.shape}")
@@ -110,7 +116,7 @@ def _centre(masks: list[np.ndarray], shape) -> tuple[int, int, int]:
     if not filled:
         return tuple(n // 2 for n in shape)
     smallest = min(filled, key=lambda m: int(m.sum()))
-    voxels = np.argwhere(smallest)
+    voxels = smallest.argwhere() if isinstance(smallest, BoxMask) else np.argwhere(smallest)
     com = voxels.mean(axis=0)
     return tuple(int(v) for v in voxels[np.argmin(((voxels - com) ** 2).sum(axis=1))])
 
@@ -236,7 +242,7 @@ def save_overlay(image: np.ndarray, masks: dict[str, np.ndarray], path, spacing=
     lo, hi = window if window is not None else _auto_window(image)
 
     views = _views(_centre(mask_list, image.shape), spacing)
-    slices = [(take(image), [take(m) for m in mask_list], px) for _, take, px, *_ in views]
+    slices = [(take(image), [take(m).astype(bool) for m in mask_list], px) for _, take, px, *_ in views]
     native_rows = max(s.shape[0] for s, _, _ in slices)
     height = int(min(max(native_rows, PANEL_MIN), PANEL_MAX))
     panels = [_render_panel(_to_grey(s, lo, hi), ms, colours, _panel_size(s.shape, px, height))

@@ -53,12 +53,14 @@ def collect(world_size: int = 1) -> dict:
             "command": " ".join(sys.argv)}
 
 
-def record_run(run_dir: Path, world_size: int, train_seconds: float) -> Path:
-    """Write ``run_dir/run_info.json``: the provenance of the latest session of the run, every session's, and the
-    training time summed over them (a resumed run adds to it)."""
+def record_run(run_dir: Path, world_size: int, train_seconds: float, provenance: dict | None = None) -> Path:
+    """Write ``run_dir/run_info.json``: the provenance of the latest session of the run (``provenance``, as
+    ``collect`` gave it when the session started; collected now if not given), every session's, and the training
+    time summed over them (a resumed run adds to it)."""
     path = Path(run_dir) / "run_info.json"
     previous = json.loads(path.read_text()) if path.is_file() else {}
-    sessions = previous.get("sessions", []) + [{**collect(world_size), "train_seconds": round(train_seconds, 3)}]
+    session = {**(provenance or collect(world_size)), "train_seconds": round(train_seconds, 3)}
+    sessions = previous.get("sessions", []) + [session]
     info = {"train_seconds": round(sum(s["train_seconds"] for s in sessions), 3), "latest": sessions[-1],
             "sessions": sessions}
     from vlseg.atomic import atomic_path

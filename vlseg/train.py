@@ -35,6 +35,7 @@ from vlseg.errors import VlsegError
 from vlseg.losses import LOSSES
 from vlseg.models.network import build_network, prompt_inputs
 from vlseg.preemption import PREEMPTED_EXIT, Preempted, PreemptionFlag
+from vlseg.provenance import collect as collect_provenance
 from vlseg.provenance import record_run
 from vlseg.vocab import Vocabulary
 
@@ -258,6 +259,8 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
     bar = tqdm(total=steps, initial=start, desc=cfg["run_name"], disable=not (progress and main), dynamic_ncols=True)
+    # What the run is made of, taken now: the checkout may change while a long run trains.
+    provenance = collect_provenance(world_size) if main else None
     t_session = time.perf_counter()
     device = accelerator.device
     # DeepSpeed holds a 16-bit model under bf16/fp16 (no autocast): its inputs must match.
@@ -343,7 +346,7 @@ def train(cfg: dict, resume: str | Path | None = None, overwrite: bool = False, 
     if writer is not None:
         writer.close()
     if main:  # code version, packages, hardware and training time, for reproduction and ablation tables
-        record_run(run_dir, world_size, time.perf_counter() - t_session)
+        record_run(run_dir, world_size, time.perf_counter() - t_session, provenance)
     accelerator.end_training()
     finish()
     if step < steps:

@@ -1,0 +1,212 @@
+"""Sliding-window inference for many prompts at once, in memory that does not grow with their number.
+
+MONAI's ``sliding_window_inference`` blends every output channel into one float32 volume, and the masks were then
+resampled to the scan's grid as K float32 volumes: 100 prompts on a 512 × 512 × 300 CT would need tens of GB.  Here:
+
+* each window's image features are computed once and every prompt is decoded from them, in chunks of prompts;
+* each prompt's blended probability is kept at the working resolution as 16-bit fixed point, and only for prompts that
+  reach a probability floor somewhere (an absent target allocates nothing);
+* a mask reaches the scan's grid only inside the box where it can be positive (``upsample_box``), as a ``BoxMask``:
+  the uint8 crop and where it sits.  A full-size array exists only when a caller asks for one, one at a time.
+
+Windows, their Gaussian weights and the blending follow MONAI (``compute_importance_map``, the same window starts), so
+the probabilities match ``sliding_window_inference`` to the fixed-point precision (about 1e-4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis, as MONAI places them (the last one flush with the end)."""
+    if size <= roi:
+        return [0]
+    step = max(int(roi * (1.0 - overlap)), 1)
+    count = math.ceil((size - roi) / step) + 1
+    return sorted({min(i * step, size - roi) for i in range(count)})
+
+
+class BoxMask:
+    """A binary mask of ``shape`` stored as the uint8 ``crop`` placed at ``offset``; zero elsewhere.
+
+    Behaves as a read-only uint8 array where masks are used: ``np.asarray``, ``astype``, ``any``, ``sum``,
+    ``shape``/``dtype``/``ndim``, basic slicing (``m[:, :, z]`` builds only that slice) and ``argwhere``.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 3
+
+    def __init__(self, shape, offset=(0, 0, 0), crop: np.ndarray | None = None):
+        self.shape = tuple(int(v) for v in shape)
+        self.offset = tuple(int(v) for v in offset)
+        self.crop = np.zeros((0, 0, 0), np.uint8) if crop is None else np.ascontiguousarray(crop, dtype=np.uint8)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def _box(self):
+        return tuple(slice(o, o + n) for o, n in zip(self.offset, self.crop.shape))
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.zeros(self.shape, np.uint8)
+        if self.crop.size:
+            out[self._box()] = self.crop
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def astype(self, dtype, copy=True):
+        return np.asarray(self).astype(dtype, copy=False)
+
+    def any(self) -> bool:
+        return bool(self.crop.any())
+
+    def sum(self) -> int:
+        return int(self.crop.sum(dtype=np.int64))
+
+    def argwhere(self) -> np.ndarray:
+        return np.argwhere(self.crop) + np.asarray(self.offset)
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (3 - len(key))
+        if len(key) != 3 or not all(isinstance(k, (slice, int, np.integer)) for k in key):
+            return np.asarray(self)[key]
+        picks = [np.arange(n)[k] for n, k in zip(self.shape, key)]
+        out = np.zeros([np.size(p) for p in picks], np.uint8)
+        inside = [(np.atleast_1d(p) >= o) & (np.atleast_1d(p) < o + n)
+                  for p, o, n in zip(picks, self.offset, self.crop.shape)]
+        if self.crop.size and all(i.any() for i in inside):
+            src = np.ix_(*[np.atleast_1d(p)[i] - o for p, i, o in zip(picks, inside, self.offset)])
+            out[np.ix_(*[np.nonzero(i)[0] for i in inside])] = self.crop[src]
+        return out.reshape([np.size(p) for p, k in zip(picks, key) if not isinstance(k, (int, np.integer))])
+
+
+def _linear_taps(n_in: int, n_out: int):
+    """For each output index: the two input indices and the weight of the second, exactly as torch's
+    ``interpolate(mode="trilinear", align_corners=False)`` computes them for one axis."""
+    scale = n_in / n_out
+    src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+
+def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Threshold the trilinear resampling of ``prob`` to ``out_shape`` without building the full volume.
+
+    A resampled value is a convex combination of at most 8 neighbours, so it can reach ``threshold`` only where one of
+    them does: only the output box over the input's above-threshold box is interpolated.  Returns ``(offset, uint8
+    crop)`` trimmed to the positive voxels; equal to thresholding the full ``interpolate`` result.
+    """
+    hot = np.argwhere(prob >= threshold)
+    if hot.size == 0:
+        return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
+    w_lo, w_hi = hot.min(0), hot.max(0)
+    result = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))
+    offset = []
+    for axis, (n_in, n_out) in enumerate(zip(prob.shape, out_shape)):
+        lo, hi, frac = _linear_taps(n_in, int(n_out))
+        keep = np.nonzero((hi >= w_lo[axis]) & (lo <= w_hi[axis]))[0]
+        first, last = int(keep[0]), int(keep[-1]) + 1
+        lo, hi, frac = (torch.from_numpy(v[first:last]) for v in (lo, hi, frac))
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        frac = frac.reshape(shape)
+        result = result.index_select(axis, lo) * (1 - frac) + result.index_select(axis, hi) * frac
+        offset.append(first)
+    mask = (result >= threshold).numpy()
+    pos = np.argwhere(mask)
+    if pos.size == 0:
+        return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
+    a, b = pos.min(0), pos.max(0) + 1
+    crop = mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].astype(np.uint8)
+    return tuple(int(o + v) for o, v in zip(offset, a)), crop
+
+
+class PromptStitcher:
+    """Blends per-window probabilities of K prompts over a grid (see the module docstring).
+
+    ``add(corner, probs)`` takes one window's ``[K, *roi]`` probabilities; ``probability(k)`` the blended float32 grid
+    of prompt k, or None when it never reached ``floor`` (its probability is then below ``floor`` everywhere).
+    """
+
+    def __init__(self, grid_shape, roi, overlap: float, n_prompts: int, floor: float = 1e-3, valid_shape=None):
+        from monai.data.utils import compute_importance_map
+
+        self.grid_shape, self.roi = tuple(grid_shape), tuple(roi)
+        # the part of the grid that is image (the rest pads a side shorter than the window)
+        self.valid = tuple(valid_shape or grid_shape)
+        self.corners = [(a, b, c) for a in window_starts(self.grid_shape[0], self.roi[0], overlap)
+                        for b in window_starts(self.grid_shape[1], self.roi[1], overlap)
+                        for c in window_starts(self.grid_shape[2], self.roi[2], overlap)]
+        weight = compute_importance_map(self.roi, mode="gaussian", sigma_scale=0.125, device="cpu").float()
+        self.weight = torch.clamp(weight, min=max(float(weight.min()), 1e-3))  # (as MONAI: no zero weights)
+        self.weight_sum = np.zeros(self.grid_shape, np.float32)
+        for corner in self.corners:
+            self.weight_sum[self._box(corner)] += self.weight.numpy()
+        # Each window's contribution is divided by the final weight sum as it is added (the windows are known in
+        # advance), so a prompt's sum is its blended probability in [0, 1], kept with 1/65000 resolution everywhere,
+        # including the weakly weighted borders.
+        self.scale = 65000.0
+        self.floor = float(floor)
+        self.sums: list[np.ndarray | None] = [None] * n_prompts
+
+    def _box(self, corner):
+        return tuple(slice(c, c + r) for c, r in zip(corner, self.roi))
+
+    @property
+    def allocated(self) -> int:
+        """How many prompts hold an accumulator (the others never reached the floor)."""
+        return sum(s is not None for s in self.sums)
+
+    def add(self, corner, probs: torch.Tensor, first_prompt: int = 0) -> None:
+        box = self._box(corner)
+        peaks = probs.flatten(1).amax(1).tolist()
+        share = None
+        for k, peak in enumerate(peaks, first_prompt):
+            if peak < self.floor:
+                continue  # contributes less than the floor anywhere: leaving it out changes nothing above it
+            if share is None:  # this window's weight as a share of every window's at each voxel, in fixed point
+                share = self.weight * torch.from_numpy(self.scale / self.weight_sum[box])
+            fixed = torch.round(probs[k - first_prompt].float() * share).to(torch.int32)
+            if self.sums[k] is None:
+                self.sums[k] = np.zeros(self.grid_shape, np.uint16)
+            self.sums[k][box] += fixed.numpy().astype(np.uint16)
+
+    def probability(self, k: int) -> np.ndarray | None:
+        if self.sums[k] is None:
+            return None
+        box = tuple(slice(0, n) for n in self.valid)
+        return self.sums[k][box].astype(np.float32) / self.scale
+
+
+def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Callable, decode: Callable,
+           batch_size: int = 2, prompt_chunk: int = 16, floor: float = 1e-3):
+    """Run ``encode`` once per window of ``image`` ``[1, C, X, Y, Z]`` and ``decode(features, start, stop)`` for each
+    chunk of prompts (→ ``probs [B, k, *roi]``, ``presence [B, k]``); return the ``PromptStitcher`` (on the image's
+    grid, padded by edge replication where a side is shorter than the window) and each prompt's highest presence.
+
+    The image is padded at the end of short axes only, so grid indices are the image's own."""
+    shape = tuple(image.shape[2:])
+    pad = [max(0, r - s) for r, s in zip(roi, shape)]
+    if any(pad):
+        image = torch.nn.functional.pad(image, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
+    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid_shape=shape)
+    presence = torch.zeros(n_prompts)
+    for b in range(0, len(stitcher.corners), batch_size):
+        corners = stitcher.corners[b:b + batch_size]
+        windows = torch.cat([image[(slice(None), slice(None), *stitcher._box(c))] for c in corners])
+        features = encode(windows)
+        for start in range(0, n_prompts, prompt_chunk):
+            stop = min(start + prompt_chunk, n_prompts)
+            probs, pres = decode(features, start, stop)
+            presence[start:stop] = torch.maximum(presence[start:stop], pres.float().amax(0).cpu())
+            probs = probs.float().cpu()
+            for i, corner in enumerate(corners):
+                stitcher.add(corner, probs[i], start)
+    return stitcher, presence
