@@ -103,10 +103,10 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[i
     them does: only the output box over the input's above-threshold box is interpolated.  Returns ``(offset, uint8
     crop)`` trimmed to the positive voxels; equal to thresholding the full ``interpolate`` result.
     """
-    hot = np.argwhere(prob >= threshold)
-    if hot.size == 0:
+    box = _bounding_box(prob >= threshold)
+    if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
-    w_lo, w_hi = hot.min(0), hot.max(0)
+    w_lo, w_hi = box[0], box[1] - 1
     result = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))
     offset = []
     for axis, (n_in, n_out) in enumerate(zip(prob.shape, out_shape)):
@@ -114,18 +114,32 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[i
         keep = np.nonzero((hi >= w_lo[axis]) & (lo <= w_hi[axis]))[0]
         first, last = int(keep[0]), int(keep[-1]) + 1
         lo, hi, frac = (torch.from_numpy(v[first:last]) for v in (lo, hi, frac))
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        frac = frac.reshape(shape)
-        result = result.index_select(axis, lo) * (1 - frac) + result.index_select(axis, hi) * frac
+        # The axis being resampled is always the leading one, so each gather copies whole contiguous planes; the
+        # axes are rotated after each pass ((x, y, z) → (y, z, x)), three rotations bringing them back.
+        result = torch.lerp(result.index_select(0, lo), result.index_select(0, hi), frac.view(-1, 1, 1))
+        result = result >= threshold if axis == 2 else result
+        result = result.permute(1, 2, 0).contiguous()
         offset.append(first)
-    mask = (result >= threshold).numpy()
-    pos = np.argwhere(mask)
-    if pos.size == 0:
+    mask = result.numpy()
+    box = _bounding_box(mask)
+    if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
-    a, b = pos.min(0), pos.max(0) + 1
-    crop = mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].astype(np.uint8)
+    a, b = box
+    crop = mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].view(np.uint8).copy()
     return tuple(int(o + v) for o, v in zip(offset, a)), crop
+
+
+def _bounding_box(mask: np.ndarray):
+    """``(start, stop)`` index arrays of the smallest box holding every True voxel, or None; from one projection per
+    axis, not from listing the voxels."""
+    starts, stops = [], []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        starts.append(hits[0])
+        stops.append(hits[-1] + 1)
+    return np.asarray(starts), np.asarray(stops)
 
 
 class PromptStitcher:
