@@ -42,9 +42,12 @@ def _cases(folder: Path) -> dict:
     arr = np.zeros((10, 10, 8), np.float32)
     arr[1, 2, 3] = np.nan
     nib.save(nib.Nifti1Image(arr, np.eye(4)), nan)
+    not_dicom = folder / "not_dicom"  # neither a series nor a folder of scans (vlseg predict takes those too)
+    not_dicom.mkdir(exist_ok=True)
+    (not_dicom / "notes.txt").write_text("hello")
     return {
         "missing": (folder / "missing.nii.gz", "file not found"),
-        "directory": (folder, "no DICOM series found"),
+        "directory": (not_dicom, "no DICOM series found"),
         "truncated": (truncated, "truncated or corrupt"),
         "garbage": (garbage, "not a NIfTI"),
         "plain_garbage": (plain_garbage, "not a NIfTI"),

@@ -29,53 +29,9 @@ def run_guarded(fn) -> int:
 
 
 def predict(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vlseg predict", description="Segment a 3D scan with text prompts.")
-    parser.add_argument("-i", "--input", required=True, help="scan: NIfTI, NRRD/MHA, or a DICOM series folder")
-    parser.add_argument("-p", "--prompt", action="append", default=[], help="structure to segment (repeatable)")
-    parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("-m", "--model", default=os.environ.get("VLSEG_MODEL", "checkpoints/phantom"),
-                        help="checkpoint or run directory (default: $VLSEG_MODEL or checkpoints/phantom)")
-    parser.add_argument("--modality", default="CT", help="CT or MR (intensity normalisation)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--no-overlay", action="store_true")
-    parser.add_argument("--spacing", help="the working spacing in mm, one number or x,y,z (default: the one the "
-                        "checkpoint records); the masks are always written on the scan's own grid")
-    args = parser.parse_args(argv)
+    from vlseg.predict import main as predict_main  # (its own module: single scans and folders of them)
 
-    def go():
-        from vlseg.io import load_scan
-        from vlseg.prompts import validate_prompts
-
-        prompts = validate_prompts(args.prompt)
-        scan = load_scan(args.input)  # check the input before importing and loading the model
-        from vlseg.inference import parse_spacing
-
-        spacing = parse_spacing(args.spacing) if args.spacing is not None else None
-        from vlseg.checkpoint import resolve_checkpoint
-
-        resolve_checkpoint(args.model)
-        from vlseg.inference import Segmenter
-
-        segmenter = Segmenter.from_pretrained(args.model, device=args.device, spacing=spacing)
-        result = segmenter.segment(scan, prompts, modality=args.modality)
-        files = result.save(args.output, overlay=not args.no_overlay)
-        for r in result.results:
-            m = r.match
-            if m is None or m.how in ("name", "as written"):
-                asked = ""
-            elif m.vocabulary_class:
-                asked = f" (as {m.vocabulary_class!r}: {m.how})"
-            else:
-                asked = " (free text; nearest " + ", ".join(f"{c!r} {v:.2f}" for c, v in m.nearest[:2]) + ")"
-            verdict = (f"{r.volume_ml:.1f} ml" if r.present else
-                       "judged absent: empty mask" if r.presence_probability < segmenter.presence_threshold else
-                       "nothing above the mask threshold")
-            print(f"{r.prompt!r}{asked}: presence {r.presence_probability:.2f}, {verdict} -> {files[r.prompt]}")
-        for key in ("report", "overlay"):
-            if key in files:
-                print(f"{key}: {files[key]}")
-
-    return run_guarded(go)
+    return predict_main(argv)
 
 
 def classes(argv=None) -> int:

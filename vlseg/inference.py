@@ -69,8 +69,41 @@ class SegmentationResult:
             **self.extra,
         }
 
-    def save(self, out_dir: str | Path, overlay: bool = True) -> dict[str, Path]:
-        """Write one uint8 NIfTI per prompt (input geometry), ``report.json`` and ``overlay.png``.
+    def statistics(self) -> list[dict]:
+        """Per prompt: volume (ml), voxels and the mean and standard deviation of the scan's intensities inside the mask
+        (Hounsfield units for CT)."""
+        rows = []
+        for r in self.results:
+            values = self.scan.data[r.mask.slices][r.mask.crop.astype(bool)] if r.present else np.zeros(0)
+            rows.append({"prompt": r.prompt, "class": r.vocabulary_class, "present": r.present,
+                         "volume_ml": round(r.volume_ml, 3), "voxels": r.voxels,
+                         "mean_intensity": round(float(values.mean()), 2) if values.size else None,
+                         "std_intensity": round(float(values.std()), 2) if values.size else None})
+        return rows
+
+    def label_map(self) -> tuple[np.ndarray, list[dict]]:
+        """All masks in one label map on the canonical grid, label k for the k-th prompt (uint8, uint16 beyond 255).
+
+        Overlaps: the smaller structure keeps the voxel (masks are painted from the largest to the smallest), so a
+        tumour inside its organ stays visible; ``overlapped_voxels`` in the table says how much each lost."""
+        dtype = np.uint8 if len(self.results) < 256 else np.uint16
+        labels = np.zeros(self.scan.data.shape, dtype)
+        order = sorted(range(len(self.results)), key=lambda i: -self.results[i].voxels)
+        for i in order:
+            r = self.results[i]
+            if r.present:
+                box = labels[r.mask.slices]
+                box[r.mask.crop.astype(bool)] = i + 1
+        counts = np.bincount(labels.ravel(), minlength=len(self.results) + 1)
+        table = [{"label": i + 1, "prompt": r.prompt, "class": r.vocabulary_class, "voxels": int(counts[i + 1]),
+                  "overlapped_voxels": r.voxels - int(counts[i + 1])} for i, r in enumerate(self.results)]
+        return labels, table
+
+    def save(self, out_dir: str | Path, overlay: bool = True, multilabel: bool = False,
+             statistics: bool = False) -> dict[str, Path]:
+        """Write one uint8 NIfTI per prompt (input geometry), ``report.json`` and ``overlay.png``; with ``multilabel``
+        also ``labels.nii.gz`` and its names table ``labels.json`` (see ``label_map``); with ``statistics``,
+        ``statistics.csv`` (see ``statistics``, also added to the report).
 
         Files are written into a temporary folder beside ``out_dir`` and moved in only when all succeeded.
         """
@@ -94,7 +127,25 @@ class SegmentationResult:
                              tmp / "overlay.png", spacing=self.scan.spacing, window=self.display_window,
                              title=Path(self.scan.path).name if self.scan.path else None)
                 written["overlay"] = out_dir / "overlay.png"
-            (tmp / "report.json").write_text(json.dumps(self.report(files), indent=2))
+            report = self.report(files)
+            if multilabel:
+                labels, table = self.label_map()
+                save_like(labels, self.scan, tmp / "labels.nii.gz", dtype=labels.dtype)
+                del labels
+                (tmp / "labels.json").write_text(json.dumps({"rule": "overlaps go to the smaller structure",
+                                                             "background": 0, "labels": table}, indent=2))
+                written.update(labels=out_dir / "labels.nii.gz", labels_table=out_dir / "labels.json")
+            if statistics:
+                import csv
+
+                rows = self.statistics()
+                report["statistics"] = rows
+                with open(tmp / "statistics.csv", "w", newline="") as fh:
+                    writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                    writer.writeheader()
+                    writer.writerows(rows)
+                written["statistics"] = out_dir / "statistics.csv"
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
             written["report"] = out_dir / "report.json"
             out_dir.mkdir(exist_ok=True)
             for item in tmp.iterdir():
@@ -156,9 +207,13 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(self, image, prompts, modality: str = "CT", threshold: float | None = None,
-                presence_threshold: float | None = None, interpret: bool = True) -> SegmentationResult:
+                presence_threshold: float | None = None, interpret: bool = True, tta: bool = False,
+                coarsen: float = 1.0) -> SegmentationResult:
         """``interpret=False`` gives the text encoder every prompt exactly as written (evaluation does, so held-out
-        paraphrases test the encoder rather than the vocabulary lookup)."""
+        paraphrases test the encoder rather than the vocabulary lookup).  ``tta``: each window is also run mirrored
+        front–back and head–foot and the three answers are averaged (3× the backbone work).  Never mirrored
+        left–right, which would swap the left and right organs.  ``coarsen`` multiplies the working spacing (the
+        checkpoint's, or the scan's own for a model without one): ``vlseg predict --fast`` uses 1.5."""
         prompts = validate_prompts(prompts)
         matches = self.understand(prompts) if interpret else [
             PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
@@ -169,18 +224,29 @@ class Segmenter:
         scan = load_scan(image)
         data = normalize_intensity(scan.data, modality, tuple(dcfg["ct_window"]))
         spacing = working_spacing(dcfg)
+        if coarsen != 1.0:
+            spacing = [float(coarsen) * float(v) for v in (spacing if spacing is not None else scan.spacing)]
         if spacing is not None:
             data = resample_to_spacing(data, scan.spacing, spacing, order=1)
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
         del data
         emb = self.embed([m.query for m in matches])[None]  # [1, Q, D]
 
+        # Mirrorings as dims of [B, C, X, Y, Z] (the masks [B, Q, X, Y, Z] flip back on the same dims).
+        flips = [()] + ([(3,), (4,)] if tta else [])
+
         def encode(windows: torch.Tensor):
-            return self.net.encode_image(windows.to(self.device))  # once per window, shared by every prompt
+            windows = windows.to(self.device)  # once per window (and mirroring), shared by every prompt
+            return [self.net.encode_image(windows.flip(f) if f else windows) for f in flips]
 
         def decode(features, start: int, stop: int):
-            out = self.net.decode(features, emb[:, start:stop].expand(features.voxel_embedding.shape[0], -1, -1))
-            return torch.sigmoid(out["mask_logits"].float()), torch.sigmoid(out["presence_logits"].float())
+            probs = presence = 0.0
+            for f, feats in zip(flips, features):
+                out = self.net.decode(feats, emb[:, start:stop].expand(feats.voxel_embedding.shape[0], -1, -1))
+                p = torch.sigmoid(out["mask_logits"].float())
+                probs = probs + (p.flip(f) if f else p)
+                presence = presence + torch.sigmoid(out["presence_logits"].float())
+            return probs / len(flips), presence / len(flips)
 
         stitcher, presence = stitch(x, tuple(dcfg["crop_size"]), float(icfg["overlap"]), len(prompts), encode, decode,
                                     batch_size=int(icfg["sw_batch_size"]), prompt_chunk=int(icfg.get("prompt_chunk", 16)))
@@ -203,4 +269,5 @@ class Segmenter:
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device),
                                          "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
+                                         "tta": bool(tta),
                                          **stats})

@@ -50,13 +50,15 @@ class BoxMask:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
-    def _box(self):
+    @property
+    def slices(self) -> tuple[slice, slice, slice]:
+        """Where ``crop`` sits in the full array."""
         return tuple(slice(o, o + n) for o, n in zip(self.offset, self.crop.shape))
 
     def __array__(self, dtype=None, copy=None):
         out = np.zeros(self.shape, np.uint8)
         if self.crop.size:
-            out[self._box()] = self.crop
+            out[self.slices] = self.crop
         return out if dtype is None else out.astype(dtype, copy=False)
 
     def astype(self, dtype, copy=True):
