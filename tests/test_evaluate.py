@@ -10,7 +10,7 @@ import pytest
 
 from vlseg import Segmenter
 from vlseg.data.manifest import read_manifest, write_manifest
-from vlseg.evaluate import evaluate
+from vlseg.evaluate import evaluate, format_table
 from vlseg.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,3 +59,26 @@ def test_absent_class_answered_with_a_mask_is_a_false_positive(tiny_run, phantom
     assert by_class["spleen"]["dice_mean"] == 1.0 and by_class["liver"]["false_negatives"] == 1
     assert by_class["spleen"]["hd95_mean"] != by_class["spleen"]["hd95_mean"]  # NaN: no distance for empty masks
     assert pytest.approx(by_class["liver"]["dice_mean"]) == 0.0
+
+
+def test_absent_target_rates_presence_veto_against_the_volume_rule(tiny_run, phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="test")[0]
+    case.classes = {"liver": case.classes["liver"], "spleen": [99]}  # spleen absent
+    case.present = {"liver": True, "spleen": False}
+    case.boxes = {"liver": case.boxes["liver"]}
+    manifest = write_manifest(tmp_path / "m.jsonl", [case])
+    seg = Segmenter.from_pretrained(tiny_run)
+    seg.config["inference"].update(threshold=0.0, presence_threshold=0.0)  # a mask everywhere, never vetoed
+    rates = evaluate(seg, manifest, "test", None, progress=False)["absent_targets"]
+    assert (rates["absent"], rates["present"]) == (1, 1)
+    assert rates["presence_head"] == {"false_positive_rate": 1.0, "miss_rate": 0.0}
+    seg.config["inference"].update(presence_threshold=1.01)  # the head vetoes everything ...
+    summary = evaluate(seg, manifest, "test", None, progress=False)
+    rates = summary["absent_targets"]
+    assert rates["presence_head"] == {"false_positive_rate": 0.0, "miss_rate": 1.0}
+    # ... while the volume rule sees the unvetoed whole-scan masks: it keeps both, right for liver, wrong for spleen
+    assert all(v == {"min_volume_ml": v["min_volume_ml"], "false_positive_rate": 1.0, "miss_rate": 0.0}
+               for v in rates["volume_rule"])
+    consistency = summary["paraphrase_consistency"]  # every wording got the same (empty) answer
+    assert consistency["targets"] == 2 and consistency["median_agreement_with_name"] == 1.0
+    assert "absent targets (1 asked)" in format_table(summary)

@@ -4,7 +4,9 @@ Every case is segmented with one prompt per class its dataset annotates and the 
 annotated class), by the canonical class name and again by each of its held-out paraphrases (never trained on), and
 scored with Dice, NSD (tolerance in mm) and HD95 (mm, from the voxel spacing).  A prompt for a class that is absent
 from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as correct (Dice 1) when
-it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall).
+it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall; the absent-target
+false-positive and present-target miss rates, with the presence head and with a predicted-volume rule; paraphrase
+consistency).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import math
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from vlseg.data.manifest import read_manifest
@@ -24,7 +27,8 @@ from vlseg.io import load_label, load_scan
 from vlseg.metrics import score_case, summarise
 
 COLUMNS = ["case_id", "dataset", "class", "prompt", "wording", "dice", "nsd", "hd95", "presence_probability", "gt_voxels",
-           "pred_voxels", "gt_volume_ml", "pred_volume_ml", "false_positive", "false_negative"]
+           "pred_voxels", "gt_volume_ml", "pred_volume_ml", "unvetoed_volume_ml", "false_positive", "false_negative",
+           "agreement_with_name"]
 
 
 def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
@@ -43,6 +47,7 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         classes = list(vocabulary.names)
     elif classes == "all":
         classes = None
+    presence_threshold = float(segmenter.config["inference"]["presence_threshold"])
     rows, started, segmented = [], time.perf_counter(), 0
     for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
         scan = load_scan(case.image)
@@ -56,12 +61,25 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
                                                           True):
             asks += [(name, text, "heldout") for name in names if name in vocabulary.names
                      for text in vocabulary.heldout[name]]
-        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False)
+        # Masks without the presence veto, which is applied below: the same pass then also scores the simplest
+        # alternative to a presence head (calling a target absent when its predicted volume is small).
+        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False,
+                                   presence_threshold=0.0)
         segmented += 1
+        by_name = {}
         for (name, _, wording), r in zip(asks, result.results):
-            scores = score_case(r.mask.astype(bool), case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)
-            rows.append({"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
-                         "wording": wording, "presence_probability": r.presence_probability, **scores})
+            kept = r.presence_probability >= presence_threshold
+            pred = r.mask.astype(bool) if kept else np.zeros(r.mask.shape, bool)
+            gt = case.class_mask(label, name)
+            scores = score_case(pred, gt, scan.spacing, nsd_tolerance_mm)
+            row = {"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
+                   "wording": wording, "presence_probability": r.presence_probability,
+                   "unvetoed_volume_ml": r.volume_ml, **scores}
+            if wording == "name":
+                by_name[name] = pred
+            elif name in by_name:  # how far the paraphrase's mask is from the class name's
+                row["agreement_with_name"] = _dice(pred, by_name[name])
+            rows.append(row)
     named = [r for r in rows if r["wording"] == "name"]
     paraphrased = [r for r in rows if r["wording"] == "heldout"]
     rows = named + paraphrased
@@ -75,6 +93,8 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         "by_dataset_class": summarise(named, ("dataset", "class")),
         "overall": summarise(named, ()),
         "by_class_heldout": summarise(paraphrased, ("class",)) if paraphrased else [],
+        "absent_targets": absent_target_rates(named, presence_threshold),
+        "paraphrase_consistency": paraphrase_consistency(rows) if paraphrased else None,
         # loading, all prompts and scoring, per case (a table's inference-cost column)
         "seconds_per_case": (time.perf_counter() - started) / max(segmented, 1),
     }
@@ -88,6 +108,48 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
     summary["rows"] = rows
     return summary
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+VOLUME_RULE_ML = (0.5, 2.0, 10.0)
+
+
+def absent_target_rates(rows: list[dict], presence_threshold: float) -> dict:
+    """How often a target that is not in the scan still gets a mask (false-positive rate over absent targets) and how
+    often one that is gets none (miss rate over present targets): with the presence head's veto, and with the simplest
+    alternative, calling a target absent when its unvetoed mask is smaller than a volume (each of VOLUME_RULE_ML)."""
+    absent = [r for r in rows if not r["gt_present"]]
+    present = [r for r in rows if r["gt_present"]]
+
+    def rates(says_present) -> dict:
+        return {"false_positive_rate": sum(map(says_present, absent)) / len(absent) if absent else None,
+                "miss_rate": sum(not says_present(r) for r in present) / len(present) if present else None}
+
+    return {"absent": len(absent), "present": len(present), "presence_threshold": presence_threshold,
+            "presence_head": rates(lambda r: r["pred_present"]),
+            "volume_rule": [{"min_volume_ml": v, **rates(lambda r, v=v: r["unvetoed_volume_ml"] >= v)}
+                            for v in VOLUME_RULE_ML]}
+
+
+def paraphrase_consistency(rows: list[dict]) -> dict:
+    """Over each (case, class) asked by its name and by held-out paraphrases: the median Dice across those wordings,
+    and the median agreement (Dice) of a paraphrase's mask with the name's; then the median over (case, class)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["case_id"], r["class"]), []).append(r)
+    medians, agreements = [], []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        medians.append(float(np.median([r["dice"] for r in group])))
+        agreements += [r["agreement_with_name"] for r in group if "agreement_with_name" in r]
+    return {"targets": len(medians),
+            "median_dice_across_wordings": float(np.median(medians)) if medians else None,
+            "median_agreement_with_name": float(np.median(agreements)) if agreements else None}
 
 
 def _finite(obj):
@@ -113,6 +175,21 @@ def format_table(summary: dict) -> str:
     lines = table(summary["by_class"])
     if summary.get("by_class_heldout"):
         lines += ["held-out paraphrases (never trained on):", *table(summary["by_class_heldout"])]
+    absent = summary.get("absent_targets")
+    if absent:
+        def pct(v):
+            return "–" if v is None else f"{100 * v:.0f}%"
+
+        head = absent["presence_head"]
+        lines.append(f"absent targets ({absent['absent']} asked): presence head false positives "
+                     f"{pct(head['false_positive_rate'])}, misses {pct(head['miss_rate'])} of {absent['present']} "
+                     f"present; volume rule " + ", ".join(f"≥{v['min_volume_ml']:g} ml: FP {pct(v['false_positive_rate'])}"
+                                                         f" / miss {pct(v['miss_rate'])}" for v in absent["volume_rule"]))
+    consistency = summary.get("paraphrase_consistency")
+    if consistency and consistency["targets"]:
+        lines.append(f"paraphrase consistency over {consistency['targets']} targets: median Dice across wordings "
+                     f"{consistency['median_dice_across_wordings']:.3f}, median agreement with the name's mask "
+                     f"{consistency['median_agreement_with_name']:.3f}")
     return "\n".join(lines)
 
 
