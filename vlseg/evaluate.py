@@ -181,10 +181,11 @@ def format_table(summary: dict) -> str:
             return "–" if v is None else f"{100 * v:.0f}%"
 
         head = absent["presence_head"]
+        volume = ", ".join(f"≥{v['min_volume_ml']:g} ml: FP {pct(v['false_positive_rate'])} / miss "
+                           f"{pct(v['miss_rate'])}" for v in absent["volume_rule"])
         lines.append(f"absent targets ({absent['absent']} asked): presence head false positives "
                      f"{pct(head['false_positive_rate'])}, misses {pct(head['miss_rate'])} of {absent['present']} "
-                     f"present; volume rule " + ", ".join(f"≥{v['min_volume_ml']:g} ml: FP {pct(v['false_positive_rate'])}"
-                                                         f" / miss {pct(v['miss_rate'])}" for v in absent["volume_rule"]))
+                     f"present; volume rule {volume}")
     consistency = summary.get("paraphrase_consistency")
     if consistency and consistency["targets"]:
         lines.append(f"paraphrase consistency over {consistency['targets']} targets: median Dice across wordings "

@@ -249,7 +249,8 @@ class Segmenter:
             return probs / len(flips), presence / len(flips)
 
         stitcher, presence = stitch(x, tuple(dcfg["crop_size"]), float(icfg["overlap"]), len(prompts), encode, decode,
-                                    batch_size=int(icfg["sw_batch_size"]), prompt_chunk=int(icfg.get("prompt_chunk", 16)))
+                                    batch_size=int(icfg["sw_batch_size"]),
+                                    prompt_chunk=int(icfg.get("prompt_chunk", 16)))
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
         results = []
         for q, prompt in enumerate(prompts):

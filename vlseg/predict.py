@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     from vlseg.cli import run_guarded
 
     parser = argparse.ArgumentParser(prog="vlseg predict", description="Segment 3D scans with text prompts.",
-                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", required=True,
                         help="scan (NIfTI, NRRD/MHA), a DICOM series folder, or a folder of these")
     parser.add_argument("-p", "--prompt", action="append", default=[], help="structure to segment (repeatable)")

@@ -70,7 +70,8 @@ def wording_variants(text: str) -> list[tuple[str, str]]:
     american = " ".join(_SPELLING.get(w, w) for w in base.split())
     out = [(base, "as typed"), (american, "spelling")]
     for form, how in list(out):
-        out.append((" ".join(_singular(w) for w in form.split()), "plural" if how == "as typed" else "spelling, plural"))
+        singular = " ".join(_singular(w) for w in form.split())
+        out.append((singular, "plural" if how == "as typed" else "spelling, plural"))
     seen, unique = set(), []
     for form, how in out:
         if form and form not in seen:
