@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from vlseg.data.manifest import read_manifest
 from vlseg.errors import VlsegError
@@ -124,3 +125,32 @@ def test_tta_and_fast(tiny_run, oblique_scans, tmp_path):
     conflict = _predict(tiny_run, "-i", oblique_scans / "case1.nii.gz", "-o", tmp_path / "x", "-p", "liver",
                         "--fast", "--spacing", "4")
     assert conflict.returncode == 2 and "--fast and --spacing" in conflict.stderr
+
+
+def test_coarse_to_fine(tiny_run, oblique_scans):
+    segmenter = Segmenter.from_pretrained(tiny_run)
+    scan = oblique_scans / "case0.nii.gz"
+    plain = segmenter.segment(scan, ["liver", "spleen"], threshold=0.0, presence_threshold=0.0)
+    # Everything found everywhere by the coarse pass: the fine pass covers the whole scan and answers as the plain one.
+    both = segmenter.segment(scan, ["liver", "spleen"], threshold=0.0, presence_threshold=0.0, coarse_to_fine=True)
+    assert both.extra["coarse_to_fine"] and both.extra["windows"] > plain.extra["windows"]
+    for a, b in zip(plain.results, both.results):
+        assert np.array_equal(np.asarray(a.mask), np.asarray(b.mask))
+        assert a.presence_probability == pytest.approx(b.presence_probability)
+    # Nothing found by the coarse pass: no window at the working spacing at all, every mask empty.
+    none = segmenter.segment(scan, ["liver", "spleen"], presence_threshold=1.01, coarse_to_fine=True)
+    assert 0 < none.extra["windows"] < plain.extra["windows"] and not any(r.present for r in none.results)
+    assert all(0 < r.presence_probability < 1 for r in none.results)  # (the coarse pass's verdict is reported)
+
+
+def test_a_region_limits_the_windows():
+    from vlseg.stitching import PromptStitcher
+
+    full = PromptStitcher((100, 100, 40), (32, 32, 16), 0.5, 1)
+    part = PromptStitcher((100, 100, 40), (32, 32, 16), 0.5, 1, region=((0, 0, 0), (20, 20, 10)))
+    assert len(part.corners) < len(full.corners) and all(c[0] < 20 and c[1] < 20 and c[2] < 10 for c in part.corners)
+    probs = torch.full((1, 32, 32, 16), 0.8)
+    for corner in part.corners:
+        part.add(corner, probs)
+    prob = part.probability(0)
+    assert prob[5, 5, 5] == pytest.approx(0.8, abs=1e-4) and prob[90, 90, 35] == 0.0

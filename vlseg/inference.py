@@ -8,6 +8,7 @@ memory that does not grow with the number of prompts.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -19,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlseg.io import Scan, load_scan, normalize_intensity, positive_triple, resample_to_spacing, save_like
+from vlseg.io import (Scan, load_scan, normalize_intensity, positive_triple, resample_to_shape, resample_to_spacing,
+                      save_like)
 from vlseg.models.network import network_from_checkpoint
 from vlseg.prompts import PromptMatch, interpret_prompts, slug, validate_prompts
-from vlseg.stitching import BoxMask, stitch, upsample_box
+from vlseg.stitching import BoxMask, bounding_box, stitch, upsample_box
 
 
 @dataclass
@@ -199,6 +201,31 @@ class Segmenter:
     def presence_threshold(self) -> float:
         return float(self.config["inference"]["presence_threshold"])
 
+    def _stitch(self, x: torch.Tensor, prompt_ids: list[int], emb: torch.Tensor, tta: bool, region=None):
+        """Windows over ``x`` with the backbone run once per window (and mirroring) for every prompt in
+        ``prompt_ids``; see ``vlseg.stitching.stitch``."""
+        icfg, dcfg = self.config["inference"], self.config["data"]
+        emb = emb[:, prompt_ids]
+        # Mirrorings as dims of [B, C, X, Y, Z] (the masks [B, Q, X, Y, Z] flip back on the same dims).
+        flips = [()] + ([(3,), (4,)] if tta else [])
+
+        def encode(windows: torch.Tensor):
+            windows = windows.to(self.device)
+            return [self.net.encode_image(windows.flip(f) if f else windows) for f in flips]
+
+        def decode(features, start: int, stop: int):
+            probs = presence = 0.0
+            for f, feats in zip(flips, features):
+                out = self.net.decode(feats, emb[:, start:stop].expand(feats.voxel_embedding.shape[0], -1, -1))
+                p = torch.sigmoid(out["mask_logits"].float())
+                probs = probs + (p.flip(f) if f else p)
+                presence = presence + torch.sigmoid(out["presence_logits"].float())
+            return probs / len(flips), presence / len(flips)
+
+        return stitch(x, tuple(dcfg["crop_size"]), float(icfg["overlap"]), len(prompt_ids), encode, decode,
+                      batch_size=int(icfg["sw_batch_size"]), prompt_chunk=int(icfg.get("prompt_chunk", 16)),
+                      region=region)
+
     def understand(self, prompts) -> list[PromptMatch]:
         """How each prompt will be asked (see ``vlseg.prompts.interpret_prompts``); a one-line error for prompts that
         cannot be meant as a structure."""
@@ -208,12 +235,14 @@ class Segmenter:
     @torch.no_grad()
     def segment(self, image, prompts, modality: str = "CT", threshold: float | None = None,
                 presence_threshold: float | None = None, interpret: bool = True, tta: bool = False,
-                coarsen: float = 1.0) -> SegmentationResult:
+                coarsen: float = 1.0, coarse_to_fine: bool = False) -> SegmentationResult:
         """``interpret=False`` gives the text encoder every prompt exactly as written (evaluation does, so held-out
         paraphrases test the encoder rather than the vocabulary lookup).  ``tta``: each window is also run mirrored
         front–back and head–foot and the three answers are averaged (3× the backbone work).  Never mirrored
         left–right, which would swap the left and right organs.  ``coarsen`` multiplies the working spacing (the
-        checkpoint's, or the scan's own for a model without one): ``vlseg predict --fast`` uses 1.5."""
+        checkpoint's, or the scan's own for a model without one): ``vlseg predict --fast`` uses 1.5.
+        ``coarse_to_fine``: a first pass at twice the spacing keeps the prompts it finds and the box around them
+        (plus a quarter window); the pass at the working spacing then covers only that box, for those prompts."""
         prompts = validate_prompts(prompts)
         matches = self.understand(prompts) if interpret else [
             PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
@@ -232,32 +261,43 @@ class Segmenter:
         del data
         emb = self.embed([m.query for m in matches])[None]  # [1, Q, D]
 
-        # Mirrorings as dims of [B, C, X, Y, Z] (the masks [B, Q, X, Y, Z] flip back on the same dims).
-        flips = [()] + ([(3,), (4,)] if tta else [])
-
-        def encode(windows: torch.Tensor):
-            windows = windows.to(self.device)  # once per window (and mirroring), shared by every prompt
-            return [self.net.encode_image(windows.flip(f) if f else windows) for f in flips]
-
-        def decode(features, start: int, stop: int):
-            probs = presence = 0.0
-            for f, feats in zip(flips, features):
-                out = self.net.decode(feats, emb[:, start:stop].expand(feats.voxel_embedding.shape[0], -1, -1))
-                p = torch.sigmoid(out["mask_logits"].float())
-                probs = probs + (p.flip(f) if f else p)
-                presence = presence + torch.sigmoid(out["presence_logits"].float())
-            return probs / len(flips), presence / len(flips)
-
-        stitcher, presence = stitch(x, tuple(dcfg["crop_size"]), float(icfg["overlap"]), len(prompts), encode, decode,
-                                    batch_size=int(icfg["sw_batch_size"]),
-                                    prompt_chunk=int(icfg.get("prompt_chunk", 16)))
+        run = functools.partial(self._stitch, emb=emb, tta=tta)
+        asked = list(range(len(prompts)))  # which prompts the full-resolution pass decodes
+        region, windows = None, 0
+        if coarse_to_fine:
+            # A pass at twice the spacing finds which targets are there and where; the pass at the working spacing
+            # then runs only over the windows covering them, and only for them.
+            coarse = resample_to_shape(x[0, 0].numpy(), [max(1, round(n / 2)) for n in x.shape[2:]], order=1)
+            coarse_stitcher, coarse_presence = run(torch.from_numpy(coarse)[None, None], list(asked))
+            windows += len(coarse_stitcher.corners)
+            asked, boxes = [], []
+            for q in range(len(prompts)):
+                prob = coarse_stitcher.probability(q) if coarse_presence[q] >= presence_threshold else None
+                box = None if prob is None else bounding_box(prob >= 0.5 * threshold)
+                if box is None:
+                    continue
+                asked.append(q)
+                scale = np.asarray(x.shape[2:]) / np.asarray(coarse.shape)
+                margin = np.asarray(dcfg["crop_size"]) // 4
+                boxes.append((np.maximum(np.floor(box[0] * scale) - margin, 0),
+                              np.minimum(np.ceil(box[1] * scale) + margin, x.shape[2:])))
+            if boxes:
+                region = (np.min([b[0] for b in boxes], 0).astype(int), np.max([b[1] for b in boxes], 0).astype(int))
+            presence = coarse_presence.clone()
+        stitcher, fine_presence = run(x, asked, region=region) if asked else (None, torch.zeros(0))
+        if not coarse_to_fine:
+            presence = fine_presence
+        else:  # found by the coarse pass: the working-spacing pass has the last word on presence too
+            presence[asked] = fine_presence
+        windows += len(stitcher.corners) if stitcher is not None else 0
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
         results = []
         for q, prompt in enumerate(prompts):
             p_present = float(presence[q])
             mask = BoxMask(scan.data.shape)
             # The presence head vetoes masks for targets it judges absent: no hallucinated organs.
-            prob = stitcher.probability(q) if p_present >= presence_threshold else None
+            prob = (stitcher.probability(asked.index(q)) if q in asked and p_present >= presence_threshold
+                    else None)
             if prob is not None:
                 # Only the box where the mask can be positive is brought to the scan's grid (one prompt at a time).
                 offset, crop = upsample_box(prob, scan.data.shape, threshold)
@@ -265,7 +305,8 @@ class Segmenter:
             voxels = mask.sum()
             results.append(PromptResult(prompt, matches[q].vocabulary_class, p_present, voxels > 0, mask, voxels,
                                         voxels * voxel_ml, matches[q]))
-        stats = {"accumulated_prompts": stitcher.allocated, "windows": len(stitcher.corners)}
+        stats = {"accumulated_prompts": stitcher.allocated if stitcher is not None else 0, "windows": windows,
+                 "coarse_to_fine": bool(coarse_to_fine)}
         window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device),

@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fast", action="store_true",
                         help="work at 1.5x the checkpoint's spacing, or the scan's own for a model without one "
                         "(about 3x fewer voxels; coarser masks)")
+    parser.add_argument("--coarse-to-fine", action="store_true",
+                        help="find the targets at twice the spacing first, then work at full spacing only around them")
     parser.add_argument("--tta", action="store_true",
                         help="average over front-back and head-foot mirrorings (3x the work; never left-right)")
     parser.add_argument("--multilabel", action="store_true",
@@ -134,7 +136,8 @@ def main(argv=None) -> int:
             head = f"[{i}/{len(todo)}] {source.name}: " if cases is not None else ""
             try:
                 result = segmenter.segment(scan if scan is not None else source, prompts, modality=args.modality,
-                                           tta=args.tta, coarsen=1.5 if args.fast else 1.0)
+                                           tta=args.tta, coarsen=1.5 if args.fast else 1.0,
+                                           coarse_to_fine=args.coarse_to_fine)
                 files = result.save(out_dir, overlay=not args.no_overlay, multilabel=args.multilabel,
                                     statistics=args.statistics)
             except VlsegError as exc:

@@ -105,7 +105,7 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[i
     them does: only the output box over the input's above-threshold box is interpolated.  Returns ``(offset, uint8
     crop)`` trimmed to the positive voxels; equal to thresholding the full ``interpolate`` result.
     """
-    box = _bounding_box(prob >= threshold)
+    box = bounding_box(prob >= threshold)
     if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
     w_lo, w_hi = box[0], box[1] - 1
@@ -123,7 +123,7 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[i
         result = result.permute(1, 2, 0).contiguous()
         offset.append(first)
     mask = result.numpy()
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
     a, b = box
@@ -131,7 +131,7 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[i
     return tuple(int(o + v) for o, v in zip(offset, a)), crop
 
 
-def _bounding_box(mask: np.ndarray):
+def bounding_box(mask: np.ndarray):
     """``(start, stop)`` index arrays of the smallest box holding every True voxel, or None; from one projection per
     axis, not from listing the voxels."""
     starts, stops = [], []
@@ -151,7 +151,8 @@ class PromptStitcher:
     of prompt k, or None when it never reached ``floor`` (its probability is then below ``floor`` everywhere).
     """
 
-    def __init__(self, grid_shape, roi, overlap: float, n_prompts: int, floor: float = 1e-3, valid_shape=None):
+    def __init__(self, grid_shape, roi, overlap: float, n_prompts: int, floor: float = 1e-3, valid_shape=None,
+                 region=None):
         from monai.data.utils import compute_importance_map
 
         self.grid_shape, self.roi = tuple(grid_shape), tuple(roi)
@@ -160,6 +161,10 @@ class PromptStitcher:
         self.corners = [(a, b, c) for a in window_starts(self.grid_shape[0], self.roi[0], overlap)
                         for b in window_starts(self.grid_shape[1], self.roi[1], overlap)
                         for c in window_starts(self.grid_shape[2], self.roi[2], overlap)]
+        if region is not None:  # only the windows that overlap the box [lo, hi) (coarse-to-fine); zero elsewhere
+            lo, hi = region
+            self.corners = [c for c in self.corners
+                            if all(s < h and s + r > l for s, r, l, h in zip(c, self.roi, lo, hi))]
         weight = compute_importance_map(self.roi, mode="gaussian", sigma_scale=0.125, device="cpu").float()
         self.weight = torch.clamp(weight, min=max(float(weight.min()), 1e-3))  # (as MONAI: no zero weights)
         self.weight_sum = np.zeros(self.grid_shape, np.float32)
@@ -188,7 +193,7 @@ class PromptStitcher:
             if peak < self.floor:
                 continue  # contributes less than the floor anywhere: leaving it out changes nothing above it
             if share is None:  # this window's weight as a share of every window's at each voxel, in fixed point
-                share = self.weight * torch.from_numpy(self.scale / self.weight_sum[box])
+                share = self.weight * torch.from_numpy(self.scale / np.maximum(self.weight_sum[box], 1e-12))
             fixed = torch.round(probs[k - first_prompt].float() * share).to(torch.int32)
             if self.sums[k] is None:
                 self.sums[k] = np.zeros(self.grid_shape, np.uint16)
@@ -202,17 +207,18 @@ class PromptStitcher:
 
 
 def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Callable, decode: Callable,
-           batch_size: int = 2, prompt_chunk: int = 16, floor: float = 1e-3):
+           batch_size: int = 2, prompt_chunk: int = 16, floor: float = 1e-3, region=None):
     """Run ``encode`` once per window of ``image`` ``[1, C, X, Y, Z]`` and ``decode(features, start, stop)`` for each
     chunk of prompts (→ ``probs [B, k, *roi]``, ``presence [B, k]``); return the ``PromptStitcher`` (on the image's
     grid, padded by edge replication where a side is shorter than the window) and each prompt's highest presence.
 
-    The image is padded at the end of short axes only, so grid indices are the image's own."""
+    The image is padded at the end of short axes only, so grid indices are the image's own.  ``region`` ``(lo, hi)``
+    limits the work to the windows overlapping that box of the grid."""
     shape = tuple(image.shape[2:])
     pad = [max(0, r - s) for r, s in zip(roi, shape)]
     if any(pad):
         image = torch.nn.functional.pad(image, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
-    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid_shape=shape)
+    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid_shape=shape, region=region)
     presence = torch.zeros(n_prompts)
     for b in range(0, len(stitcher.corners), batch_size):
         corners = stitcher.corners[b:b + batch_size]
