@@ -217,4 +217,6 @@ def export_checkpoint(source: str | Path, out: str | Path) -> Path:
     with atomic_dir(out) as tmp:
         write_weights(state, tmp / WEIGHTS)
         (tmp / META).write_text(json.dumps(meta, indent=1))
+        if (source / "calibration.json").is_file():  # the presence threshold vlseg calibrate chose travels with it
+            (tmp / "calibration.json").write_bytes((source / "calibration.json").read_bytes())
     return out

@@ -122,13 +122,15 @@ def launch(argv=None) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"predict": "vlseg.cli", "classes": "vlseg.cli", "train": "vlseg.train", "evaluate": "vlseg.evaluate",
-                "demo": "vlseg.demo", "export": "vlseg.cli", "launch": "vlseg.cli", "params": "vlseg.cli"}
+                "demo": "vlseg.demo", "export": "vlseg.cli", "launch": "vlseg.cli", "params": "vlseg.cli",
+                "calibrate": "vlseg.calibrate"}
     if not argv or argv[0] not in commands:
-        print("usage: vlseg {predict,classes,train,evaluate,demo,export,params,launch} ...\n"
+        print("usage: vlseg {predict,classes,train,evaluate,calibrate,demo,export,params,launch} ...\n"
               "  predict   segment a scan: vlseg predict -i scan.nii.gz -p 'liver tumor' -p liver -o out/\n"
               "  classes   list the canonical vocabulary (--json, --modality CT)\n"
               "  train     train a model: vlseg train --config configs/phantom.yaml [key=value ...]\n"
               "  evaluate  score a checkpoint on a manifest split (Dice, NSD, HD95)\n"
+              "  calibrate choose the presence threshold on a validation split and store it with the checkpoint\n"
               "  demo      the main job: phantoms -> train -> evaluate -> predict 'liver tumor'\n"
               "  export    consolidated fp32 copy of a (DeepSpeed) checkpoint, without optimiser state\n"
               "  params    parameter counts of a config's network, e.g. vlseg params configs/reference/sat_pro.yaml\n"

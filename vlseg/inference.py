@@ -184,14 +184,25 @@ class Segmenter:
         self.net = net.to(self.device).eval()
         self.text_encoder = text_encoder.to(self.device).eval()
         self.vocabulary, self.config, self.checkpoint = vocabulary, config, checkpoint
+        self.calibration = None  # what vlseg calibrate chose, when the checkpoint has it
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device=None, spacing=None) -> "Segmenter":
-        """``spacing`` (mm: one number or three) replaces the working spacing the checkpoint records."""
+    def from_pretrained(cls, path: str | Path, device=None, spacing=None, calibrated: bool = True) -> "Segmenter":
+        """``spacing`` (mm: one number or three) replaces the working spacing the checkpoint records.  The presence
+        threshold is the one ``vlseg calibrate`` stored with the checkpoint, if any (``calibrated=False``: the
+        config's)."""
+        from vlseg.calibrate import read_calibration
+        from vlseg.checkpoint import resolve_checkpoint
+
         net, text_encoder, vocabulary, cfg, meta = network_from_checkpoint(path)
         if spacing is not None:
             cfg["data"]["inference_spacing"] = list(parse_spacing(spacing))
-        return cls(net, text_encoder, vocabulary, cfg, checkpoint=str(path), device=device)
+        calibration = read_calibration(resolve_checkpoint(path)) if calibrated else None
+        if calibration is not None:
+            cfg["inference"]["presence_threshold"] = float(calibration["presence_threshold"])
+        segmenter = cls(net, text_encoder, vocabulary, cfg, checkpoint=str(path), device=device)
+        segmenter.calibration = calibration
+        return segmenter
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:
@@ -309,7 +320,8 @@ class Segmenter:
                  "coarse_to_fine": bool(coarse_to_fine)}
         window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
-                                  extra={"device": str(self.device),
+                                  extra={"device": str(self.device), "presence_threshold": presence_threshold,
+                                         "presence_threshold_from": "calibration" if self.calibration else "config",
                                          "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
                                          "tta": bool(tta),
                                          **stats})
