@@ -1,6 +1,8 @@
 """Querying at scale on a clinical-size CT, all figures measured in one run on this machine:
 
-    python benchmarks/query_scale.py [--model RUN_OR_CHECKPOINT] [--prompts 1 8 32 100] [--out FILE.json]
+    python benchmarks/query_scale.py [--model RUN_OR_CHECKPOINT] [--prompts 1 8 32 100] [--modes ...] [--out FILE]
+
+(needs the real-scan corpus: ``python -m data_prep.fetch_samples --out data/real``)
 
 The scan is a real abdominal CT (the corpus' patient A, 3 mm) resampled onto a 512 × 512 × 300 grid over the same field
 of view, so the clinical-size arrays, the resampling to the model's working spacing and the mapping of masks back
@@ -13,7 +15,8 @@ masks on the scan's grid), seconds to write the outputs (one uint8 NIfTI per pro
 the peak resident memory of the process.  Ratios against the 1-prompt run: time (goal for 32 prompts ≤ 1.3) and peak
 memory (goal for 100 prompts within 10%, and ≤ 4 GB).  Also the backbone's achieved GFLOP/s (FLOPs of one window
 counted by torch's FlopCounterMode × windows ÷ seconds inside the image encoder) against an fp32 matmul's GFLOP/s
-measured in the same process.
+measured in the same process.  Then seconds per CT in each inference mode (``--modes``: default, fast,
+coarse_to_fine, tta), each with ``--mode-prompts`` prompts, in a fresh process too.
 """
 
 from __future__ import annotations
@@ -88,12 +91,15 @@ def worker(args) -> None:
     segmenter.net.encode_image = timed_encode
     scan = load_scan(args.scan)
     t0 = time.perf_counter()
-    result = segmenter.segment(scan, prompts, modality="CT")
+    segmenter.understand(prompts)  # (reading the prompts is per model too, not per scan)
+    options = {"default": {}, "fast": {"coarsen": 1.5}, "coarse_to_fine": {"coarse_to_fine": True},
+               "tta": {"tta": True}}[args.mode]
+    result = segmenter.segment(scan, prompts, modality="CT", **options)
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result.save(Path(tmp) / "out")
     t2 = time.perf_counter()
-    record = {"prompts": args.n, "segment_s": t1 - t0, "save_s": t2 - t1, "peak_rss_mb": peak_rss_mb(),
+    record = {"prompts": args.n, "mode": args.mode, "segment_s": t1 - t0, "save_s": t2 - t1, "peak_rss_mb": peak_rss_mb(),
               "windows": result.extra["windows"], "accumulated_prompts": result.extra["accumulated_prompts"],
               "present": sum(r.present for r in result.results), "encoder_s": encoder_seconds[0]}
     if args.flops:
@@ -136,6 +142,9 @@ def main() -> None:
     parser.add_argument("--scan", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--modes", nargs="*", default=["default", "fast", "coarse_to_fine", "tta"])
+    parser.add_argument("--mode-prompts", type=int, default=8)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -144,26 +153,29 @@ def main() -> None:
         work = Path(tmp)
         model = Path(args.model) if args.model else default_model(work)
         scan = make_scan(work / "ct_512x512x300.nii.gz")
-        runs = []
-        for i, n in enumerate(args.prompts):
+        def measure(n: int, mode: str, flops: bool = False) -> dict:
             cmd = [sys.executable, __file__, "--worker", "--model", str(model), "--scan", str(scan), "--n", str(n),
-                   "--threads", str(args.threads), *(["--flops"] if i == 0 else [])]
+                   "--threads", str(args.threads), "--mode", mode, *(["--flops"] if flops else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
-                raise SystemExit(f"worker for {n} prompts failed:\n{out.stderr[-3000:]}")
-            runs.append(json.loads(line[len("RESULT "):]))
-            r = runs[-1]
-            print(f"{n:>4} prompts: segment {r['segment_s']:6.1f} s, save {r['save_s']:6.1f} s, peak RSS "
-                  f"{r['peak_rss_mb']:7.0f} MB, {r['present']} present, {r['accumulated_prompts']} accumulated",
-                  flush=True)
+                raise SystemExit(f"worker for {n} prompts ({mode}) failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[len("RESULT "):])
+            print(f"{mode:>14}, {n:>3} prompts: segment {r['segment_s']:6.1f} s, save {r['save_s']:6.1f} s, peak RSS "
+                  f"{r['peak_rss_mb']:7.0f} MB, {r['present']} present, {r['accumulated_prompts']} accumulated, "
+                  f"{r['windows']} windows", flush=True)
+            return r
+
+        runs = [measure(n, "default", flops=i == 0) for i, n in enumerate(args.prompts)]
+        modes = [measure(args.mode_prompts, mode) for mode in args.modes]
     base = runs[0]
     summary = {"scan_shape": list(SHAPE), "model": str(args.model or "stand-in (20 phantom steps)"),
                "threads": args.threads, "runs": runs,
                "time_ratio_vs_1": {r["prompts"]: r["segment_s"] / base["segment_s"] for r in runs},
                "total_time_ratio_vs_1": {r["prompts"]: (r["segment_s"] + r["save_s"]) /
                                          (base["segment_s"] + base["save_s"]) for r in runs},
-               "peak_rss_ratio_vs_1": {r["prompts"]: r["peak_rss_mb"] / base["peak_rss_mb"] for r in runs}}
+               "peak_rss_ratio_vs_1": {r["prompts"]: r["peak_rss_mb"] / base["peak_rss_mb"] for r in runs},
+               "modes": modes}
     if "matmul_gflops" in base:
         achieved = base["encoder_gflop_per_window"] * base["windows"] / base["encoder_s"]
         summary.update(encoder_gflops=achieved, matmul_gflops=base["matmul_gflops"],
@@ -171,6 +183,8 @@ def main() -> None:
     print("time ÷ 1 prompt:     " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["time_ratio_vs_1"].items()))
     print("with saving ÷ 1:     " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["total_time_ratio_vs_1"].items()))
     print("peak RSS ÷ 1 prompt: " + ", ".join(f"{k}: {v:.2f}" for k, v in summary["peak_rss_ratio_vs_1"].items()))
+    print(f"seconds per CT with {args.mode_prompts} prompts: " + ", ".join(
+        f"{m['mode']} {m['segment_s']:.1f} (+{m['save_s']:.1f} writing)" for m in modes))
     if "encoder_gflops" in summary:
         print(f"backbone {summary['encoder_gflops']:.1f} GFLOP/s vs fp32 matmul {summary['matmul_gflops']:.1f} GFLOP/s "
               f"({100 * summary['encoder_share_of_matmul']:.0f}%)")
