@@ -114,3 +114,15 @@ def test_hf_prompt_template(tiny_bert_dir):
                           atol=1e-6)
     with pytest.raises(VlsegError, match="template"):
         build_text_encoder({"name": "hf", "path": str(tiny_bert_dir), "template": "no slot"}, VOCAB)
+
+
+def test_clip_lora_adapts_only_the_adapters(tiny_clip):
+    enc = build_text_encoder({"name": "clip", **tiny_clip, "lora": {"r": 2, "alpha": 4}}, VOCAB)
+    trainable = [n for n, p in enc.named_parameters() if p.requires_grad]
+    assert not enc.frozen and trainable and all("lora_" in n for n in trainable)
+    assert any("c_fc" in n for n in trainable) and enc.identity()["lora"] == {"r": 2, "alpha": 4}
+    out = enc(["liver", "spleen"])
+    out.square().sum().backward()
+    assert all(p.grad is not None for n, p in enc.named_parameters() if "lora_B" in n)
+    with pytest.raises(VlsegError, match="unknown setting 'rank'"):
+        build_text_encoder({"name": "clip", **tiny_clip, "lora": {"rank": 2}}, VOCAB)

@@ -28,6 +28,26 @@ def fingerprint_files(paths: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def add_lora(model: nn.Module, settings: dict, default_targets: list[str]) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft): its own weights stay frozen, the adapters train.  ``settings``: ``r``,
+    ``alpha``, ``dropout``, ``target_modules`` (names of the linear layers to adapt)."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlseg.errors import VlsegError
+
+    known = {"r", "alpha", "dropout", "target_modules"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise VlsegError(f"text_encoder.lora: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    config = LoraConfig(r=int(settings.get("r", 8)), lora_alpha=float(settings.get("alpha", 16)),
+                        lora_dropout=float(settings.get("dropout", 0.0)),
+                        target_modules=list(settings.get("target_modules", default_targets)))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise VlsegError(f"text_encoder.lora: {str(exc).splitlines()[0]}") from None
+
+
 class TextEncoder(nn.Module):
     """``encode(list of str) → tensor [N, dim]``.
 

@@ -8,17 +8,19 @@ import torch
 
 from vlseg.errors import VlsegError
 from vlseg.registry import TEXT_ENCODERS
-from vlseg.text.base import TextEncoder, fingerprint_files
+from vlseg.text.base import TextEncoder, add_lora, fingerprint_files
 
 
 @TEXT_ENCODERS.register("clip")
 class ClipTextEncoder(TextEncoder):
     """``model_name`` is an open_clip architecture; ``config_dir`` adds custom architecture JSONs (a tiny test tower,
-    a local BiomedCLIP config); ``weights`` is a local checkpoint file.  The vision tower is dropped after loading."""
+    a local BiomedCLIP config); ``weights`` is a local checkpoint file.  The vision tower is dropped after loading.
+    Adaptation: ``freeze: true`` (default), ``freeze: false`` (the whole tower trains) or ``lora: {r, alpha, dropout,
+    target_modules}`` (adapters on the text transformer's MLP layers ``c_fc``/``c_proj`` by default)."""
 
     def __init__(self, model_name: str = "ViT-B-32", weights: str | None = None, config_dir: str | None = None,
                  template: str = "{}", normalize: bool = True, freeze: bool = True, allow_random: bool = False,
-                 vocabulary=None):
+                 lora: dict | None = None, vocabulary=None):
         super().__init__()
         import open_clip  # heavy import (torchvision, timm): only when this encoder is chosen
 
@@ -46,12 +48,16 @@ class ClipTextEncoder(TextEncoder):
         with torch.no_grad():
             self.dim = int(self.model.encode_text(self.tokenizer(["x"])).shape[-1])
         self.frozen = False
-        if freeze:
+        self.lora = dict(lora) if lora else None
+        if self.lora:  # adapters on the text transformer's MLP layers (by default); the CLIP weights stay frozen
+            self.model = add_lora(self.model, self.lora, ["c_fc", "c_proj"])
+        elif freeze:
             self.freeze_()
 
     def identity(self) -> dict:
         return {"name": "clip", "model_name": self.model_name, "weights": self.weights, "config_dir": self.config_dir,
-                "template": self.template, "normalize": self.normalize, "fingerprint": self.fingerprint}
+                "template": self.template, "normalize": self.normalize, "fingerprint": self.fingerprint,
+                **({"lora": self.lora} if self.lora else {})}
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         device = self.model.token_embedding.weight.device if hasattr(self.model, "token_embedding") else "cpu"

@@ -9,7 +9,7 @@ import torch
 
 from vlseg.errors import VlsegError
 from vlseg.registry import TEXT_ENCODERS
-from vlseg.text.base import TextEncoder, fingerprint_files
+from vlseg.text.base import TextEncoder, add_lora, fingerprint_files
 
 PACKAGE_PREFIX = "package:"
 
@@ -71,20 +71,8 @@ class HFTextEncoder(TextEncoder):
             self.freeze_()
 
     def _add_lora(self, settings: dict) -> None:
-        """LoRA adapters (peft) on the attention projections; the tower's own weights stay frozen, the adapters train."""
-        from peft import LoraConfig, get_peft_model
-
-        known = {"r", "alpha", "dropout", "target_modules"}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise VlsegError(f"text_encoder.lora: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
-        config = LoraConfig(r=int(settings.get("r", 8)), lora_alpha=float(settings.get("alpha", 16)),
-                            lora_dropout=float(settings.get("dropout", 0.0)),
-                            target_modules=list(settings.get("target_modules", ["query", "value"])))
-        try:
-            self.model = get_peft_model(self.model, config)
-        except ValueError as exc:
-            raise VlsegError(f"text_encoder.lora: {str(exc).splitlines()[0]}") from None
+        """LoRA adapters on BERT's attention query and value projections (by default)."""
+        self.model = add_lora(self.model, settings, ["query", "value"])
 
     def identity(self) -> dict:
         ident = {"name": "hf", "path": self.spec, "pooling": self.pooling, "normalize": self.normalize,
