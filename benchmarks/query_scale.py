@@ -77,6 +77,8 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     segmenter = Segmenter.from_pretrained(args.model, device="cpu")
+    # Every prompt is asked, including classes the model was never trained on (a stress test, not a refusal test).
+    segmenter.config["inference"]["min_prompt_similarity"] = 0.0
     prompts = prompt_list(args.n)
     segmenter.embed(prompts)  # text embeddings are cached per model: not part of the per-scan cost
     encoder_seconds = [0.0]

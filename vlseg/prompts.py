@@ -106,6 +106,19 @@ def _wordings(vocabulary) -> dict[str, str]:
     return table
 
 
+def _full_vocabulary_class(prompt: str, vocabulary) -> str | None:
+    """The bundled vocabulary's class a prompt names, when the model's own vocabulary lacks it."""
+    from vlseg.vocab import Vocabulary
+
+    try:
+        full = Vocabulary.load("default")
+    except VlsegError:
+        return None
+    table = _wordings(full)
+    found = next((table[form] for form, _ in wording_variants(prompt) if form in table), None)
+    return found if found is not None and found not in vocabulary.names else None
+
+
 def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: float = 0.3) -> list[PromptMatch]:
     """Understand each prompt against a model's vocabulary; refuse, in one line with suggestions, those that cannot be
     meant as a structure.
@@ -154,10 +167,13 @@ def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: fl
             continue
         guesses = [table[g] for g in difflib.get_close_matches(canonical_form(m.prompt), list(table), n=3,
                                                                  cutoff=0.6)]
+        elsewhere = _full_vocabulary_class(m.prompt, vocabulary)
         reason = ("this model knows only its vocabulary's classes" if not open_vocabulary else
                   "it is not a structure name" if not wordy else
                   f"it matches no class this model knows (closest: {m.nearest[0][0]!r}, "
                   f"similarity {m.nearest[0][1]:.2f})")
+        if elsewhere:
+            reason += f"; {elsewhere!r} is in vlseg's vocabulary, but this model was not trained on it"
         hint = (f"did you mean {' or '.join(repr(g) for g in dict.fromkeys(guesses))}?" if guesses else
                 f"this model knows {', '.join(repr(n) for n in list(vocabulary.names)[:8])}"
                 f"{' …' if len(vocabulary) > 8 else ''} (vlseg classes lists wordings)")
