@@ -91,6 +91,8 @@ def test_box_upsampling_equals_full_upsampling(out_shape):
     assert full.any() and np.array_equal(np.asarray(BoxMask(out_shape, offset, crop)), full)
     assert crop.shape == tuple(np.ptp(np.argwhere(full), axis=0) + 1)  # trimmed to the positive voxels
     assert upsample_box(prob * 0.1, out_shape, 0.5)[1].size == 0
+    slabbed = upsample_box(prob, out_shape, 0.5, slab=3)  # slab by slab: the same answer
+    assert slabbed[0] == offset and np.array_equal(slabbed[1], crop)
 
 
 def test_box_mask_behaves_like_its_array():

@@ -108,31 +108,41 @@ def _linear_taps(n_in: int, n_out: int):
     return lo, hi, (src - lo).astype(np.float32)
 
 
-def upsample_box(prob: np.ndarray, out_shape, threshold: float) -> tuple[tuple[int, int, int], np.ndarray]:
+def upsample_box(prob: np.ndarray, out_shape, threshold: float, slab: int = 16) -> tuple[tuple[int, int, int],
+                                                                                        np.ndarray]:
     """Threshold the trilinear resampling of ``prob`` to ``out_shape`` without building the full volume.
 
     A resampled value is a convex combination of at most 8 neighbours, so it can reach ``threshold`` only where one of
     them does: only the output box over the input's above-threshold box is interpolated.  Returns ``(offset, uint8
-    crop)`` trimmed to the positive voxels; equal to thresholding the full ``interpolate`` result.
+    crop)`` trimmed to the positive voxels; equal to thresholding the full ``interpolate`` result.  Works through
+    ``slab`` output planes at a time, so its temporaries are a few slabs of float32 whatever the box's size.
     """
     box = bounding_box(prob >= threshold)
     if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
     w_lo, w_hi = box[0], box[1] - 1
-    result = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))
-    offset = []
+    taps, offset = [], []
     for axis, (n_in, n_out) in enumerate(zip(prob.shape, out_shape)):
         lo, hi, frac = _linear_taps(n_in, int(n_out))
         keep = np.nonzero((hi >= w_lo[axis]) & (lo <= w_hi[axis]))[0]
         first, last = int(keep[0]), int(keep[-1]) + 1
-        lo, hi, frac = (torch.from_numpy(v[first:last]) for v in (lo, hi, frac))
-        # The axis being resampled is always the leading one, so each gather copies whole contiguous planes; the
-        # axes are rotated after each pass ((x, y, z) → (y, z, x)), three rotations bringing them back.
-        result = torch.lerp(result.index_select(0, lo), result.index_select(0, hi), frac.view(-1, 1, 1))
-        result = result >= threshold if axis == 2 else result
-        result = result.permute(1, 2, 0).contiguous()
+        taps.append((lo[first:last], hi[first:last], frac[first:last]))
         offset.append(first)
-    mask = result.numpy()
+    source = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32))
+    mask = np.zeros([len(t[0]) for t in taps], bool)
+    # Slabs of output planes along x, so the float temporaries stay a slab's worth whatever the box's size.
+    for start in range(0, mask.shape[0], slab):
+        lo_x, hi_x, frac_x = (v[start:start + slab] for v in taps[0])
+        first = int(lo_x.min())
+        result = source[first:int(hi_x.max()) + 1]
+        for axis, (lo, hi, frac) in enumerate([(lo_x - first, hi_x - first, frac_x), taps[1], taps[2]]):
+            lo, hi, frac = torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(frac)
+            # The axis being resampled is always the leading one, so each gather copies whole contiguous planes;
+            # the axes are rotated after each pass ((x, y, z) → (y, z, x)), three rotations bringing them back.
+            result = torch.lerp(result.index_select(0, lo), result.index_select(0, hi), frac.view(-1, 1, 1))
+            result = result >= threshold if axis == 2 else result
+            result = result.permute(1, 2, 0).contiguous()
+        mask[start:start + slab] = result.numpy()
     box = bounding_box(mask)
     if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
