@@ -8,6 +8,7 @@ memory that does not grow with the number of prompts.
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 import os
@@ -138,8 +139,6 @@ class SegmentationResult:
                                                              "background": 0, "labels": table}, indent=2))
                 written.update(labels=out_dir / "labels.nii.gz", labels_table=out_dir / "labels.json")
             if statistics:
-                import csv
-
                 rows = self.statistics()
                 report["statistics"] = rows
                 with open(tmp / "statistics.csv", "w", newline="") as fh:
@@ -259,6 +258,8 @@ class Segmenter:
             PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
         icfg, dcfg = self.config["inference"], self.config["data"]
         threshold = icfg["threshold"] if threshold is None else threshold
+        threshold_from = "argument" if presence_threshold is not None else (
+            "calibration" if self.calibration else "config")
         presence_threshold = icfg["presence_threshold"] if presence_threshold is None else presence_threshold
         start = time.perf_counter()
         scan = load_scan(image)
@@ -321,7 +322,7 @@ class Segmenter:
         window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device), "presence_threshold": presence_threshold,
-                                         "presence_threshold_from": "calibration" if self.calibration else "config",
+                                         "presence_threshold_from": threshold_from,
                                          "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
                                          "tta": bool(tta),
                                          **stats})
