@@ -62,11 +62,17 @@ def test_stitching_matches_monai_sliding_window(tiny_net):
     torch.testing.assert_close(presence_1, presence)
 
 
-def test_short_axes_are_padded_and_cropped_back(tiny_net):
+def test_short_axes_are_padded_on_both_sides_as_monai_does(tiny_net):
+    # A thin scan (10 slices for a 16-slice window) must sit in the middle of its windows, as MONAI puts it.
     net, emb = tiny_net
-    image = torch.randn(1, 1, 40, 20, 10)
+    image = torch.randn(1, 1, 40, 20, 10, generator=torch.Generator().manual_seed(2))
     stitcher, _ = _run(net, emb, image, chunk=16)
-    assert stitcher.probability(0).shape == (40, 20, 10)
+    with torch.no_grad():
+        ref = sliding_window_inference(image, (32, 32, 16), 2, lambda w: torch.sigmoid(net(w, emb.expand(
+            w.shape[0], -1, -1))["mask_logits"]), overlap=0.5, mode="gaussian", padding_mode="replicate")[0]
+    for k in range(3):
+        assert stitcher.probability(k).shape == (40, 20, 10)
+        assert np.abs(stitcher.probability(k) - ref[k].numpy()).max() < 3e-4
 
 
 def test_prompts_below_the_floor_hold_no_memory():

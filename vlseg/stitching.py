@@ -171,13 +171,13 @@ class PromptStitcher:
     of prompt k, or None when it never reached ``floor`` (its probability is then below ``floor`` everywhere).
     """
 
-    def __init__(self, grid_shape, roi, overlap: float, n_prompts: int, floor: float = 1e-3, valid_shape=None,
+    def __init__(self, grid_shape, roi, overlap: float, n_prompts: int, floor: float = 1e-3, valid=None,
                  region=None):
         from monai.data.utils import compute_importance_map
 
         self.grid_shape, self.roi = tuple(grid_shape), tuple(roi)
-        # the part of the grid that is image (the rest pads a side shorter than the window)
-        self.valid = tuple(valid_shape or grid_shape)
+        # the part of the grid that is image, as slices (the rest pads a side shorter than the window)
+        self.valid = tuple(valid) if valid is not None else tuple(slice(0, n) for n in self.grid_shape)
         self.corners = [(a, b, c) for a in window_starts(self.grid_shape[0], self.roi[0], overlap)
                         for b in window_starts(self.grid_shape[1], self.roi[1], overlap)
                         for c in window_starts(self.grid_shape[2], self.roi[2], overlap)]
@@ -222,8 +222,7 @@ class PromptStitcher:
     def probability(self, k: int) -> np.ndarray | None:
         if self.sums[k] is None:
             return None
-        box = tuple(slice(0, n) for n in self.valid)
-        return self.sums[k][box].astype(np.float32) / self.scale
+        return self.sums[k][self.valid].astype(np.float32) / self.scale
 
 
 def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Callable, decode: Callable,
@@ -232,13 +231,20 @@ def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Cal
     chunk of prompts (→ ``probs [B, k, *roi]``, ``presence [B, k]``); return the ``PromptStitcher`` (on the image's
     grid, padded by edge replication where a side is shorter than the window) and each prompt's highest presence.
 
-    The image is padded at the end of short axes only, so grid indices are the image's own.  ``region`` ``(lo, hi)``
-    limits the work to the windows overlapping that box of the grid."""
+    A short axis is padded on both sides, half each, as MONAI does: a thin scan then sits in the middle of its
+    windows, as thin slabs sit in training crops (padding at one end only puts it at a window's edge, and a model
+    trained on centred slabs answers much worse there).  ``region`` ``(lo, hi)``, in the image's own indices, limits the
+    work to the windows overlapping that box."""
     shape = tuple(image.shape[2:])
-    pad = [max(0, r - s) for r, s in zip(roi, shape)]
-    if any(pad):
-        image = torch.nn.functional.pad(image, [v for p in reversed(pad) for v in (0, p)], mode="replicate")
-    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid_shape=shape, region=region)
+    before = [max(0, r - s) // 2 for r, s in zip(roi, shape)]
+    after = [max(0, r - s) - b for r, s, b in zip(roi, shape, before)]
+    if any(before) or any(after):
+        image = torch.nn.functional.pad(image, [v for b, a in zip(reversed(before), reversed(after)) for v in (b, a)],
+                                        mode="replicate")
+    if region is not None:
+        region = tuple(np.asarray(v) + np.asarray(before) for v in region)
+    valid = tuple(slice(b, b + n) for b, n in zip(before, shape))
+    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid=valid, region=region)
     presence = torch.zeros(n_prompts)
     for b in range(0, len(stitcher.corners), batch_size):
         corners = stitcher.corners[b:b + batch_size]
