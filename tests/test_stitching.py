@@ -45,13 +45,18 @@ def _run(net, emb, image, chunk):
                       prompt_chunk=chunk)
 
 
+def _monai(net, emb, image):
+    """The same windows through MONAI's sliding_window_inference (edge-replicating its padding, as vlseg does)."""
+    with torch.no_grad():
+        return sliding_window_inference(image, (32, 32, 16), 2, lambda w: torch.sigmoid(net(w, emb.expand(
+            w.shape[0], -1, -1))["mask_logits"]), overlap=0.5, mode="gaussian", padding_mode="replicate")[0]
+
+
 def test_stitching_matches_monai_sliding_window(tiny_net):
     net, emb = tiny_net
     image = torch.randn(1, 1, 50, 45, 30, generator=torch.Generator().manual_seed(1))
     stitcher, presence = _run(net, emb, image, chunk=2)
-    with torch.no_grad():
-        ref = sliding_window_inference(image, (32, 32, 16), 2, lambda w: torch.sigmoid(net(w, emb.expand(
-            w.shape[0], -1, -1))["mask_logits"]), overlap=0.5, mode="gaussian")[0]
+    ref = _monai(net, emb, image)
     for k in range(3):
         assert np.abs(stitcher.probability(k) - ref[k].numpy()).max() < 3e-4
     assert presence.shape == (3,) and ((presence > 0) & (presence < 1)).all()
@@ -67,9 +72,7 @@ def test_short_axes_are_padded_on_both_sides_as_monai_does(tiny_net):
     net, emb = tiny_net
     image = torch.randn(1, 1, 40, 20, 10, generator=torch.Generator().manual_seed(2))
     stitcher, _ = _run(net, emb, image, chunk=16)
-    with torch.no_grad():
-        ref = sliding_window_inference(image, (32, 32, 16), 2, lambda w: torch.sigmoid(net(w, emb.expand(
-            w.shape[0], -1, -1))["mask_logits"]), overlap=0.5, mode="gaussian", padding_mode="replicate")[0]
+    ref = _monai(net, emb, image)
     for k in range(3):
         assert stitcher.probability(k).shape == (40, 20, 10)
         assert np.abs(stitcher.probability(k) - ref[k].numpy()).max() < 3e-4
