@@ -52,30 +52,28 @@ def _monai(net, emb, image):
             w.shape[0], -1, -1))["mask_logits"]), overlap=0.5, mode="gaussian", padding_mode="replicate")[0]
 
 
-def test_stitching_matches_monai_sliding_window(tiny_net):
+# (50, 45, 30): several windows per axis; (40, 20, 10): short axes, padded on both sides as MONAI does, so a thin scan
+# sits in the middle of its windows (padding at one end only would put it at a window's edge).
+@pytest.mark.parametrize("shape", [(50, 45, 30), (40, 20, 10)])
+def test_stitching_matches_monai_sliding_window(tiny_net, shape):
     net, emb = tiny_net
-    image = torch.randn(1, 1, 50, 45, 30, generator=torch.Generator().manual_seed(1))
+    image = torch.randn(1, 1, *shape, generator=torch.Generator().manual_seed(1))
     stitcher, presence = _run(net, emb, image, chunk=2)
     ref = _monai(net, emb, image)
     for k in range(3):
+        assert stitcher.probability(k).shape == shape
         assert np.abs(stitcher.probability(k) - ref[k].numpy()).max() < 3e-4
     assert presence.shape == (3,) and ((presence > 0) & (presence < 1)).all()
-    # Decoding the prompts one at a time or all together gives the same answer (to float rounding).
-    one_by_one, presence_1 = _run(net, emb, image, chunk=1)
-    for k in range(3):
-        assert np.abs(one_by_one.probability(k) - stitcher.probability(k)).max() < 1e-4
-    torch.testing.assert_close(presence_1, presence)
 
 
-def test_short_axes_are_padded_on_both_sides_as_monai_does(tiny_net):
-    # A thin scan (10 slices for a 16-slice window) must sit in the middle of its windows, as MONAI puts it.
+def test_prompt_chunks_do_not_change_the_answer(tiny_net):
     net, emb = tiny_net
-    image = torch.randn(1, 1, 40, 20, 10, generator=torch.Generator().manual_seed(2))
-    stitcher, _ = _run(net, emb, image, chunk=16)
-    ref = _monai(net, emb, image)
-    for k in range(3):
-        assert stitcher.probability(k).shape == (40, 20, 10)
-        assert np.abs(stitcher.probability(k) - ref[k].numpy()).max() < 3e-4
+    image = torch.randn(1, 1, 50, 45, 30, generator=torch.Generator().manual_seed(1))
+    together, presence = _run(net, emb, image, chunk=16)
+    one_by_one, presence_1 = _run(net, emb, image, chunk=1)
+    for k in range(3):  # (to float rounding)
+        assert np.abs(one_by_one.probability(k) - together.probability(k)).max() < 1e-4
+    torch.testing.assert_close(presence_1, presence)
 
 
 def test_prompts_below_the_floor_hold_no_memory():
