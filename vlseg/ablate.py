@@ -160,9 +160,8 @@ def fingerprint(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def record_request(study: Study, run: Run) -> str:
-    """Write the run's requested config and its fingerprint into the run directory; return the fingerprint."""
-    cfg = run_config(study, run)
+def record_request(study: Study, run: Run, cfg: dict) -> str:
+    """Write the run's requested config ``cfg`` and its fingerprint into the run directory; return the fingerprint."""
     digest = fingerprint(cfg)
     path = run.run_dir / REQUEST_FILE
     if not path.is_file():
@@ -172,12 +171,12 @@ def record_request(study: Study, run: Run) -> str:
     return digest
 
 
-def find_identical(study: Study, run: Run) -> Path | None:
+def find_identical(study: Study, run: Run, cfg: dict) -> Path | None:
     """A finished run of another study (a sibling of this study's output folder) with the same fingerprint.
 
     Shipped studies share their baseline (configs/real.yaml, 1,500 steps): it is trained once per seed and the
     other studies link to it instead of spending another quarter of an hour recomputing the same weights."""
-    digest = fingerprint(run_config(study, run))
+    digest = fingerprint(cfg)
     for request in sorted(study.output.parent.glob(f"*/*/seed*/{REQUEST_FILE}")):
         other = request.parent
         if other.resolve() == run.run_dir.resolve() or other.is_symlink():
@@ -221,7 +220,8 @@ def execute(study: Study, progress: bool = True) -> None:
             print(f"{head}: done, skipped", flush=True)
             continue
         if not is_trained(study, run):
-            same = None if run.run_dir.exists() else find_identical(study, run)
+            cfg = run_config(study, run)
+            same = None if run.run_dir.exists() else find_identical(study, run, cfg)
             if same is not None:  # a relative link, so the results folder can move as a whole
                 run.run_dir.parent.mkdir(parents=True, exist_ok=True)
                 run.run_dir.symlink_to(os.path.relpath(same, run.run_dir.parent), target_is_directory=True)
@@ -229,9 +229,9 @@ def execute(study: Study, progress: bool = True) -> None:
                 if is_evaluated(study, run):
                     continue
             else:
-                record_request(study, run)
+                record_request(study, run, cfg)
                 print(f"{head}: training", flush=True)
-                train(run_config(study, run), resume="auto", progress=progress)
+                train(cfg, resume="auto", progress=progress)
         print(f"{head}: evaluating", flush=True)
         segmenter = Segmenter.from_pretrained(run.run_dir)
         manifest = study.manifest or segmenter.config["data"]["manifest"]
