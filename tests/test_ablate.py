@@ -88,3 +88,37 @@ def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_
     assert collect(load_study(same))[0]["seeds"] == 1
     assert main([str(same), "--seeds", "7"]) == 2
     assert "seed 7 is not one of the study's seeds" in capsys.readouterr().err
+
+
+def test_the_shipped_studies_resolve_build_and_share_their_baseline(tmp_path):
+    """Every run of configs/ablations/*.yaml resolves to a config whose network builds (meta device), and the three
+    studies' baselines are one computation, so the runner trains it once per seed and links it elsewhere."""
+    import dataclasses
+    from pathlib import Path
+
+    from vlseg.ablate import fingerprint, run_config
+    from vlseg.models.network import count_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    baselines, configs = {}, {}
+    for path in sorted((root / "configs" / "ablations").glob("*.yaml")):
+        study = load_study(path)
+        study = dataclasses.replace(study, output=tmp_path / study.name)  # base.yaml goes here, not into checkpoints/
+        for run in study.runs:
+            cfg = run_config(study, run)
+            assert cfg["seed"] == run.seed and cfg["train"]["steps"] == 1500
+            counts = count_parameters(cfg, 384)
+            assert counts["fusion"] > 0 and counts["image_encoder"] > 0, (path.name, run.variant)
+            configs[(study.name, run.variant, run.seed)] = cfg
+        first = study.runs[0]
+        baselines[study.name] = fingerprint(run_config(study, first))
+    assert set(baselines) == {"masked_vs_naive", "text_vs_onehot", "fusion"}
+    assert len(set(baselines.values())) == 1, baselines
+    assert configs[("masked_vs_naive", "naive", 0)]["loss"]["name"] == "naive"
+    assert configs[("masked_vs_naive", "masked", 0)]["loss"]["name"] == "masked"
+    assert configs[("text_vs_onehot", "onehot", 1)]["text_encoder"]["name"] == "onehot"
+    low = configs[("fusion", "dynamic_head_low_lr", 2)]
+    assert low["fusion"]["name"] == "dynamic_head" and low["train"]["lr"] == pytest.approx(2e-4)
+    shared_lr = configs[("fusion", "query_decoder", 2)]["train"]["lr"]
+    assert configs[("fusion", "dynamic_head", 2)]["train"]["lr"] == shared_lr == pytest.approx(2e-3)
+    assert configs[("fusion", "dodnet", 0)]["text_encoder"]["name"] == "onehot"
