@@ -130,6 +130,7 @@ def test_clip_universal_reference_shape():
     backbone = sum(p.numel() for n, p in net.image_encoder.named_parameters() if n.startswith("net."))
     assert abs(backbone - 62.2e6) / 62.2e6 < 0.05  # published: 62.2 M
     assert text.dim == 512 and net.fusion.n_params == 153 and net.fusion.code_proj.out_features == 256
+    assert cfg["train"]["lr"] == 1e-4  # the original's rate: at the default 2e-3 the dynamic head collapses
     with torch.no_grad():  # 64³: at 32³ the bottleneck is one voxel, which InstanceNorm cannot normalise
         out = net(torch.randn(1, 1, 64, 64, 64), text.encode(["liver", "liver tumor"])[None])
     assert out["mask_logits"].shape == (1, 2, 64, 64, 64)
