@@ -11,8 +11,8 @@ interface and losses as the query decoder; ``loss.presence_weight=0`` leaves it 
 
 Mind the learning rate.  Every generated weight is a sum over the controller's 512 inputs, so one Adam step of size
 ``lr`` on each controller weight can move a generated bias by about ``lr × 512 × |input|``.  At the 2e-3 that trains
-the query decoder, every ReLU of the generated first layer ended up dead (the mask is a constant per window) and the
-head never fitted even the brain, which the query decoder learns within 200 steps (docs/results/README.md, fusion
+the query decoder, the generated first layer's ReLUs ended up dead (the mask is a constant per window) and the head
+never fitted even the brain, which the query decoder fits within a few hundred steps (docs/results/README.md, fusion
 study).  CLIP-Universal trains at 1e-4; the fusion study's ``dynamic_head_low_lr`` variant uses 2e-4.
 """
 
