@@ -110,8 +110,7 @@ def test_the_shipped_studies_resolve_build_and_share_their_baseline(tmp_path):
             counts = count_parameters(cfg, 384)
             assert counts["fusion"] > 0 and counts["image_encoder"] > 0, (path.name, run.variant)
             configs[(study.name, run.variant, run.seed)] = cfg
-        first = study.runs[0]
-        baselines[study.name] = fingerprint(run_config(study, first))
+        baselines[study.name] = fingerprint(configs[(study.name, study.runs[0].variant, study.runs[0].seed)])
     assert set(baselines) == {"masked_vs_naive", "text_vs_onehot", "fusion"}
     assert len(set(baselines.values())) == 1, baselines
     assert configs[("masked_vs_naive", "naive", 0)]["loss"]["name"] == "naive"

@@ -160,15 +160,13 @@ def fingerprint(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def record_request(study: Study, run: Run, cfg: dict) -> str:
-    """Write the run's requested config ``cfg`` and its fingerprint into the run directory; return the fingerprint."""
-    digest = fingerprint(cfg)
+def record_request(study: Study, run: Run, cfg: dict) -> None:
+    """Write the run's requested config ``cfg`` and its fingerprint into the run directory (once)."""
     path = run.run_dir / REQUEST_FILE
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"fingerprint": digest, "study": study.name, "variant": run.variant,
+        path.write_text(json.dumps({"fingerprint": fingerprint(cfg), "study": study.name, "variant": run.variant,
                                     "seed": run.seed, "config": cfg}, indent=1, default=str))
-    return digest
 
 
 def find_identical(study: Study, run: Run, cfg: dict) -> Path | None:
