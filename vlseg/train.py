@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -389,4 +391,14 @@ def main(argv=None) -> int:
             print(f"run saved in {run_dir}")
 
     code = run_guarded(go)
-    return outcome.get("code", code)
+    code = outcome.get("code", code)
+    if launched_world()[0] > 1:
+        # A process of a multi-process group ends here without running the interpreter's and the C++ libraries'
+        # exit-time destructors.  Those of gloo and DeepSpeed's CPU collectives sometimes meet a still-joinable
+        # thread and abort the process (SIGABRT, "terminate called without an active exception") after the run was
+        # saved, and the launcher then reports the whole job failed.  Everything is written and closed by now
+        # (checkpoints, logs, TensorBoard, provenance) and the group was left cleanly by ``finish()``.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
