@@ -38,6 +38,16 @@ def test_variants_grid_and_seeds_expand(tmp_path):
     assert yaml.safe_load((tmp_path / "out" / "base.yaml").read_text())["train"]["steps"] == 3
 
 
+def test_seeds_and_variants_select_the_runs_to_launch(tmp_path, capsys):
+    path = _study(tmp_path, name="s", variants={"masked": [], "naive": ["loss.name=naive"]},
+                  grid={"fusion.layers": [1, 2]}, seeds=[0, 1], output=str(tmp_path / "out"))
+    assert main([str(path), "--emit-commands", "--variants", "naive", "--seeds", "1"]) == 0
+    launches = [line for line in capsys.readouterr().out.splitlines() if "train.py" in line]
+    assert len(launches) == 2 and all("/naive_fusion.layers=" in line and "seed1" in line for line in launches)
+    assert main([str(path), "--emit-commands", "--variants", "naive,fusion.layers=1"]) == 2
+    assert "no variant named 'naive,fusion.layers=1' (the study has: masked, naive)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("spec,message", [({"seeds": []}, "seeds"), ({"grid": {"a.b": []}}, "grid"),
                                           ({"typo": 1}, "unknown study key 'typo'")])
 def test_bad_study_files_are_one_line_errors(tmp_path, spec, message):

@@ -4,6 +4,7 @@
     python -m vlseg.ablate configs/ablations/<study>.yaml --emit-commands  # one shell line per run, for a scheduler
     python -m vlseg.ablate configs/ablations/<study>.yaml --collect        # only the table, from finished runs
     python -m vlseg.ablate configs/ablations/<study>.yaml --seeds 0        # only some of the study's seeds
+    python -m vlseg.ablate configs/ablations/<study>.yaml --variants naive # ... or of its variants
 
 A study file::
 
@@ -381,6 +382,9 @@ def main(argv=None) -> int:
     mode.add_argument("--collect", action="store_true", help="only build the table from the runs that finished")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="K",
                         help="run (or emit) only these of the study's seeds; the table still shows every finished run")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="run (or emit) only these variants (with every grid point of each); the table still shows "
+                             "every finished run")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -391,7 +395,14 @@ def main(argv=None) -> int:
             missing = sorted(set(args.seeds) - {r.seed for r in study.runs})
             if missing:
                 raise VlsegError(f"{args.study}: seed {missing[0]} is not one of the study's seeds")
-            todo = dataclasses.replace(study, runs=[r for r in study.runs if r.seed in args.seeds])
+            todo = dataclasses.replace(todo, runs=[r for r in todo.runs if r.seed in args.seeds])
+        if args.variants:
+            variant = {r.variant: r.variant.split(",")[0] for r in study.runs}  # a grid point's label is "variant,k=v"
+            missing = sorted(set(args.variants) - set(variant.values()))
+            if missing:
+                raise VlsegError(f"{args.study}: no variant named {missing[0]!r} "
+                                 f"(the study has: {', '.join(dict.fromkeys(variant.values()))})")
+            todo = dataclasses.replace(todo, runs=[r for r in todo.runs if variant[r.variant] in args.variants])
         if args.emit_commands:
             print("\n".join(commands(todo, args.study)))
             return
