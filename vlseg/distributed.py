@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -212,7 +213,22 @@ def broadcast_embeddings(text_encoder, texts: list[str], is_main: bool) -> torch
 
 
 def finish() -> None:
-    """Leave the process group cleanly (a bare exit of a 2-process gloo group occasionally aborts, see CPU_NOTES)."""
+    """Leave the process group cleanly (a bare exit of a 2-process gloo group occasionally aborts, see CPU_NOTES);
+    a launched process then ends through ``exit_after_finish``."""
     if is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_after_finish(code: int) -> None:
+    """End a process of a multi-process launch that has left its group with ``finish()`` and written everything,
+    without the interpreter's and the C++ libraries' exit-time destructors; in a single process, do nothing.
+
+    Even after a clean ``finish()``, those destructors (gloo's, DeepSpeed's CPU collectives') sometimes meet a
+    still-joinable thread and abort the process (SIGABRT, "terminate called without an active exception") after the
+    run was saved, and the launcher then reports the whole job failed.
+    """
+    if launched_world()[0] > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

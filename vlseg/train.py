@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +29,9 @@ from vlseg.data.crops import CropDataset, collate, synthesis_plan
 from vlseg.data.manifest import read_manifest
 from vlseg.data.preprocess import default_cache_dir, open_cache, preprocess_corpus
 from vlseg.data.sampler import StepShardSampler
-from vlseg.distributed import (all_reduce, broadcast_embeddings, deepspeed_config, finish, launched_world,
-                               make_accelerator, resolve_mixed_precision, unpartitioned_construction, zero_stage)
+from vlseg.distributed import (all_reduce, broadcast_embeddings, deepspeed_config, exit_after_finish, finish,
+                               launched_world, make_accelerator, resolve_mixed_precision, unpartitioned_construction,
+                               zero_stage)
 from vlseg.errors import VlsegError
 from vlseg.losses import LOSSES
 from vlseg.models.network import build_network, prompt_inputs
@@ -392,13 +391,6 @@ def main(argv=None) -> int:
 
     code = run_guarded(go)
     code = outcome.get("code", code)
-    if launched_world()[0] > 1:
-        # A process of a multi-process group ends here without running the interpreter's and the C++ libraries'
-        # exit-time destructors.  Those of gloo and DeepSpeed's CPU collectives sometimes meet a still-joinable
-        # thread and abort the process (SIGABRT, "terminate called without an active exception") after the run was
-        # saved, and the launcher then reports the whole job failed.  Everything is written and closed by now
-        # (checkpoints, logs, TensorBoard, provenance) and the group was left cleanly by ``finish()``.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    if code in (0, PREEMPTED_EXIT):  # train() returned or stopped after finish(): every file is written and closed
+        exit_after_finish(code)
     return code
