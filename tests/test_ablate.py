@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 from PIL import Image
 
 from tests.conftest import tiny_overrides
-from vlseg.ablate import collect, commands, load_study, main
+from vlseg.ablate import collect, commands, fingerprint, load_study, main, run_config
 from vlseg.errors import VlsegError
 
 
@@ -46,6 +48,9 @@ def test_seeds_and_variants_select_the_runs_to_launch(tmp_path, capsys):
     assert len(launches) == 2 and all("/naive_fusion.layers=" in line and "seed1" in line for line in launches)
     assert main([str(path), "--emit-commands", "--variants", "naive,fusion.layers=1"]) == 2
     assert "no variant named 'naive,fusion.layers=1' (the study has: masked, naive)" in capsys.readouterr().err
+    grid_only = _study(tmp_path, "grid.yaml", name="g", grid={"fusion.layers": [1, 2]}, output=str(tmp_path / "g"))
+    assert main([str(grid_only), "--emit-commands", "--variants", "fusion.layers=1"]) == 2
+    assert "(the study has: no named variants)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec,message", [({"seeds": []}, "seeds"), ({"grid": {"a.b": []}}, "grid"),
@@ -103,10 +108,6 @@ def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_
 def test_the_shipped_studies_resolve_build_and_share_their_baseline(tmp_path):
     """Every run of configs/ablations/*.yaml resolves to a config whose network builds (meta device), and the three
     studies' baselines are one computation, so the runner trains it once per seed and links it elsewhere."""
-    import dataclasses
-    from pathlib import Path
-
-    from vlseg.ablate import fingerprint, run_config
     from vlseg.models.network import count_parameters
 
     root = Path(__file__).resolve().parents[1]

@@ -50,10 +50,11 @@ from vlseg.errors import VlsegError
 
 @dataclass
 class Run:
-    variant: str
+    variant: str  # the label: the variant's name, then the grid point ("masked,fusion.layers=1")
     seed: int
     overrides: list[str]
     output_root: Path
+    named: str = ""  # the study's variant the run belongs to ("" in a study without named variants)
     run_name: str = field(init=False)
 
     def __post_init__(self):
@@ -121,11 +122,12 @@ def load_study(path: str | Path) -> Study:
         for values in itertools.product(*grid.values()):
             assignment = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in zip(grid, values)]
             label = ",".join([variant] * bool(variant) + assignment) or "base"
-            points.append((label, [*extra, *assignment]))
-    labels = [label for label, _ in points]
+            points.append((label, [*extra, *assignment], variant))
+    labels = [label for label, _, _ in points]
     if len(set(map(_slug, labels))) != len(labels):
         raise VlsegError(f"{path}: two variants share the name {labels!r}")
-    runs = [Run(label, seed, overrides, output / _slug(label)) for label, overrides in points for seed in seeds]
+    runs = [Run(label, seed, overrides, output / _slug(label), variant) for label, overrides, variant in points
+            for seed in seeds]
     evaluation = spec.get("evaluate") or {}
     return Study(name=name, base=spec.get("base"), common=common, runs=runs, split=str(evaluation.get("split", "test")),
                  manifest=evaluation.get("manifest"), all_classes=bool(evaluation.get("all_classes", False)),
@@ -397,12 +399,12 @@ def main(argv=None) -> int:
                 raise VlsegError(f"{args.study}: seed {missing[0]} is not one of the study's seeds")
             todo = dataclasses.replace(todo, runs=[r for r in todo.runs if r.seed in args.seeds])
         if args.variants:
-            variant = {r.variant: r.variant.split(",")[0] for r in study.runs}  # a grid point's label is "variant,k=v"
-            missing = sorted(set(args.variants) - set(variant.values()))
+            names = list(dict.fromkeys(r.named for r in study.runs if r.named))
+            missing = [v for v in args.variants if v not in names]
             if missing:
                 raise VlsegError(f"{args.study}: no variant named {missing[0]!r} "
-                                 f"(the study has: {', '.join(dict.fromkeys(variant.values()))})")
-            todo = dataclasses.replace(todo, runs=[r for r in todo.runs if variant[r.variant] in args.variants])
+                                 f"(the study has: {', '.join(names) or 'no named variants'})")
+            todo = dataclasses.replace(todo, runs=[r for r in todo.runs if r.named in args.variants])
         if args.emit_commands:
             print("\n".join(commands(todo, args.study)))
             return
