@@ -4,8 +4,11 @@ setup(
     name="vlseg",
     version="0.1.0",
     description="Text-prompted 3D medical image segmentation (CT/MR) with masked back-propagation",
-    packages=find_packages(include=["vlseg", "vlseg.*", "data_prep", "data_prep.*"]),
-    package_data={"vlseg": ["resources/*.yaml"]},
+    packages=[*find_packages(include=["vlseg", "vlseg.*", "data_prep", "data_prep.*"]), "vlseg.configs"],
+    # configs/ stays at the top of the checkout and is installed as vlseg.configs (package data, not a path).
+    package_dir={"vlseg.configs": "configs"},
+    package_data={"vlseg": ["vocab/*.yaml", "prepare/sample_maps/*.yaml"],
+                  "vlseg.configs": ["*.yaml", "*/*.yaml", "*/*.json", "*/*.sbatch"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

@@ -32,7 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from vlseg.errors import VlsegError
+from vlseg.errors import VlsegError, run_guarded
 
 SERIES = "example_ct_dicom"
 LABEL = "example_seg_dicom.nii.gz"
@@ -160,7 +160,7 @@ def cut_label(label: nib.Nifti1Image, series_affine: np.ndarray, box) -> nib.Nif
 
 def verify(source: Path, out: Path, box) -> dict:
     """Read source and cut back through vlseg and compare voxel values and world coordinates; → label statistics."""
-    from vlseg.io import load_label, load_scan
+    from vlseg.io.scan import load_label, load_scan
 
     full = load_scan(source / SERIES)
     cut = load_scan(out / "dicom")
@@ -184,8 +184,8 @@ def verify(source: Path, out: Path, box) -> dict:
 
 
 def cut(source: Path, out: Path) -> dict:
-    from data_prep.fetch_samples import totalsegmentator_class_map
-    from vlseg.io import load_scan
+    from vlseg.io.scan import load_scan
+    from vlseg.prepare.samples import totalsegmentator_class_map
 
     source, out = Path(source), Path(out) / "patient_b"
     for needed in (source / SERIES, source / LABEL, source / CLASS_MAP):
@@ -206,8 +206,6 @@ def cut(source: Path, out: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    from vlseg.cli import run_guarded
-
     parser = argparse.ArgumentParser(prog="python -m data_prep.cut_test_data", description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="TotalSegmentator's tests/reference_files folder")
     parser.add_argument("--out", default="tests/data/real", help="patient_b/ is (re)written inside")

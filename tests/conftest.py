@@ -19,8 +19,9 @@ WORDS = ["liver", "tumor", "tumour", "hepatic", "lesion", "mass", "spleen", "spl
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT with a word-level vocabulary, saved as a transformers folder."""
-    import vlseg  # noqa: F401  (torchvision shim before transformers)
     from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    import vlseg  # noqa: F401  (torchvision shim before transformers)
 
     folder = tmp_path_factory.mktemp("tiny_bert")
     vocab = folder / "vocab.txt"
@@ -37,8 +38,9 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> dict:
     """A tiny open_clip architecture (JSON config) and its weights file."""
-    import vlseg  # noqa: F401
     import open_clip
+
+    import vlseg  # noqa: F401
 
     folder = tmp_path_factory.mktemp("tiny_clip")
     cfg = {"embed_dim": 16,
@@ -55,7 +57,7 @@ def tiny_clip(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def phantom_corpus(tmp_path_factory) -> Path:
-    from data_prep.phantoms import generate_corpus
+    from vlseg.prepare.phantoms import generate_corpus
 
     return generate_corpus(tmp_path_factory.mktemp("phantoms"), n_train=3, n_test=2, shape=(40, 40, 32),
                            spacing=(4.0, 4.0, 4.0), seed=1, progress=False)
@@ -80,7 +82,7 @@ def tiny_overrides(tmp: Path, manifest: Path, text_encoder_dir: Path, **extra) -
 def tiny_run(tmp_path_factory, phantom_corpus, tiny_bert_dir) -> Path:
     """A tiny model trained for a few steps on the phantoms: the checkpoint inference/evaluation tests use."""
     from vlseg.config import load_config
-    from vlseg.train import train
+    from vlseg.train.loop import train
 
     tmp = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, tiny_overrides(tmp, phantom_corpus, tiny_bert_dir))

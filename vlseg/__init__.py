@@ -14,7 +14,7 @@ __all__ = ["Segmenter", "VlsegError", "__version__"]
 def __getattr__(name):
     # Segmenter pulls in torch, MONAI and the text towers: load it on first use, keep `import vlseg` light.
     if name == "Segmenter":
-        from vlseg.inference import Segmenter
+        from vlseg.infer.segmenter import Segmenter
 
         return Segmenter
     raise AttributeError(f"module 'vlseg' has no attribute {name!r}")

@@ -7,6 +7,7 @@ carries it, so a run can be rebuilt from its directory alone.
 from __future__ import annotations
 
 import copy
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -190,11 +191,24 @@ def load_yaml(path: str | Path, what: str = "config file") -> dict:
     return data
 
 
+def config_path(path: str | Path) -> Path:
+    """A config file: ``path`` itself when it exists, else the shipped config of that name (installed with vlseg as
+    ``vlseg.configs``): ``phantom``, ``real.yaml``, ``configs/reference/sat_nano.yaml`` and ``reference/sat_nano``
+    work from any folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    name = path.as_posix().removeprefix("configs/")
+    name = name if name.endswith((".yaml", ".json")) else name + ".yaml"
+    shipped = resources.files("vlseg.configs").joinpath(name)
+    return Path(str(shipped)) if shipped.is_file() else path
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """Resolve defaults ← file ← overrides."""
+    """Resolve defaults ← file ← overrides (``path``: a YAML file, or the name of a shipped config)."""
     cfg = DEFAULTS
     if path is not None:
-        data = load_yaml(path)
+        data = load_yaml(config_path(path))
         cfg = deep_merge(_component_reset(cfg, data), data)
     return apply_overrides(cfg, overrides)
 

@@ -1,4 +1,6 @@
-"""The one exception type that reaches users as a single line."""
+"""The one exception type that reaches users as a single line, and the guard that turns it into that line."""
+
+import sys
 
 
 class VlsegError(Exception):
@@ -17,3 +19,15 @@ def first_line(exc: BaseException) -> str:
 def shape_str(shape) -> str:
     """(512, 512, 20) → "512x512x20"."""
     return "x".join(str(int(n)) for n in shape)
+
+
+def run_guarded(fn) -> int:
+    try:
+        fn()
+    except VlsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

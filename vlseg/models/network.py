@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlseg.models import dynamic_head, monai_encoders, query_decoder, unet  # noqa: F401  (registration)
+from vlseg.models.text import TextEncoder, build_text_encoder
 from vlseg.registry import FUSIONS, IMAGE_ENCODERS
-from vlseg.text import TextEncoder, build_text_encoder
 
 
 class VLSegNet(nn.Module):
@@ -101,7 +100,7 @@ def network_from_checkpoint(path) -> tuple[VLSegNet, TextEncoder, "Vocabulary", 
     """
     from vlseg.checkpoint import load_network_state, read_checkpoint
     from vlseg.errors import VlsegError
-    from vlseg.vocab import Vocabulary
+    from vlseg.vocab.vocabulary import Vocabulary
 
     ckpt, meta, state = read_checkpoint(path)
     cfg = meta["config"]

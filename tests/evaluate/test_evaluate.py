@@ -1,0 +1,85 @@
+"""evaluate.py on a tiny checkpoint: per-case CSV, JSON summary, absent classes counted as false positives."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlseg import Segmenter
+from vlseg.evaluate.evaluate import evaluate
+from vlseg.evaluate.report import format_table
+from vlseg.prepare.manifest import read_manifest, write_manifest
+from vlseg.vocab.vocabulary import Vocabulary
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_evaluate_cli_writes_csv_and_summary(tiny_run, phantom_corpus, tmp_path):
+    out = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tiny_run), "--manifest",
+                          str(phantom_corpus), "--split", "test", "--out", str(tmp_path / "ev"), "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "liver tumor" in out.stdout and "summary:" in out.stdout
+    all_rows = list(csv.DictReader(open(tmp_path / "ev" / "per_case.csv")))
+    rows = [r for r in all_rows if r["wording"] == "name"]
+    cases = read_manifest(phantom_corpus, split="test")
+    assert len(rows) == sum(len(c.classes) for c in cases)
+    assert {r["class"] for r in rows} == {"liver", "liver tumor", "spleen", "right kidney", "left kidney"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in all_rows)
+    # each class is asked again with every held-out paraphrase of the vocabulary (never trained on)
+    vocabulary = Vocabulary.load("default")
+    heldout = [r for r in all_rows if r["wording"] == "heldout"]
+    assert len(heldout) == sum(len(vocabulary.heldout[n]) for c in cases for n in c.classes)
+    assert {r["prompt"] for r in heldout if r["class"] == "liver tumor"} == set(vocabulary.heldout["liver tumor"])
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["cases"] == len(cases) and summary["nsd_tolerance_mm"] == 2.0
+    assert {g["class"] for g in summary["by_class"]} == {r["class"] for r in rows}
+    assert {g["class"] for g in summary["by_class_heldout"]} == {r["class"] for r in rows}
+    assert "held-out paraphrases" in out.stdout
+    assert summary["by_dataset_class"][0]["dataset"] == "PhantomTest" and summary["overall"][0]["n"] == len(rows)
+
+
+def test_absent_class_answered_with_a_mask_is_a_false_positive(tiny_run, phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="test")[0]
+    case.classes = {"liver": case.classes["liver"], "spleen": [99]}  # value 99 never occurs: spleen is absent
+    case.present = {"liver": True, "spleen": False}
+    case.boxes = {"liver": case.boxes["liver"]}
+    manifest = write_manifest(tmp_path / "m.jsonl", [case])
+    seg = Segmenter.from_pretrained(tiny_run)
+    seg.config["inference"].update(threshold=0.0, presence_threshold=0.0)  # predict every voxel for every prompt
+    summary = evaluate(seg, manifest, "test", tmp_path / "ev", progress=False)
+    by_class = {g["class"]: g for g in summary["by_class"]}
+    assert by_class["spleen"]["false_positives"] == 1 and by_class["spleen"]["dice_mean"] == 0.0
+    assert by_class["liver"]["false_positives"] == 0 and 0.0 < by_class["liver"]["dice_mean"] < 1.0
+    seg.config["inference"].update(threshold=1.01)  # predict nothing: the absent class is now answered correctly
+    summary = evaluate(seg, manifest, "test", None, progress=False)
+    by_class = {g["class"]: g for g in summary["by_class"]}
+    assert by_class["spleen"]["dice_mean"] == 1.0 and by_class["liver"]["false_negatives"] == 1
+    assert by_class["spleen"]["hd95_mean"] != by_class["spleen"]["hd95_mean"]  # NaN: no distance for empty masks
+    assert pytest.approx(by_class["liver"]["dice_mean"]) == 0.0
+
+
+def test_absent_target_rates_presence_veto_against_the_volume_rule(tiny_run, phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="test")[0]
+    case.classes = {"liver": case.classes["liver"], "spleen": [99]}  # spleen absent
+    case.present = {"liver": True, "spleen": False}
+    case.boxes = {"liver": case.boxes["liver"]}
+    manifest = write_manifest(tmp_path / "m.jsonl", [case])
+    seg = Segmenter.from_pretrained(tiny_run)
+    seg.config["inference"].update(threshold=0.0, presence_threshold=0.0)  # a mask everywhere, never vetoed
+    rates = evaluate(seg, manifest, "test", None, progress=False)["absent_targets"]
+    assert (rates["absent"], rates["present"]) == (1, 1)
+    assert rates["presence_head"] == {"false_positive_rate": 1.0, "miss_rate": 0.0}
+    seg.config["inference"].update(presence_threshold=1.01)  # the head vetoes everything ...
+    summary = evaluate(seg, manifest, "test", None, progress=False)
+    rates = summary["absent_targets"]
+    assert rates["presence_head"] == {"false_positive_rate": 0.0, "miss_rate": 1.0}
+    # ... while the volume rule sees the unvetoed whole-scan masks: it keeps both, right for liver, wrong for spleen
+    assert all(v == {"min_volume_ml": v["min_volume_ml"], "false_positive_rate": 1.0, "miss_rate": 0.0}
+               for v in rates["volume_rule"])
+    consistency = summary["paraphrase_consistency"]  # every wording got the same (empty) answer
+    assert consistency["targets"] == 2 and consistency["median_agreement_with_name"] == 1.0
+    assert "absent targets (1 asked)" in format_table(summary)

@@ -1,0 +1,7 @@
+"""``python -m vlseg``: the same as the ``vlseg`` command."""
+
+import sys
+
+from vlseg.cli import main
+
+sys.exit(main())

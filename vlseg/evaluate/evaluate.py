@@ -1,0 +1,164 @@
+"""Evaluation: ``python evaluate.py --checkpoint RUN --manifest M --split test``.
+
+Every case is segmented with one prompt per class its dataset annotates and the model knows (``--all-classes``: every
+annotated class), by the canonical class name and again by each of its held-out paraphrases (never trained on), and
+scored with Dice, NSD (tolerance in mm) and HD95 (mm, from the voxel spacing).  A prompt for a class that is absent
+from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as correct (Dice 1) when
+it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall; the absent-target
+false-positive and present-target miss rates, with the presence head and with a predicted-volume rule; paraphrase
+consistency).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vlseg.errors import VlsegError
+from vlseg.evaluate.metrics import score_case, summarise
+from vlseg.io.scan import load_label, load_scan
+from vlseg.prepare.manifest import read_manifest
+
+COLUMNS = ["case_id", "dataset", "class", "prompt", "wording", "dice", "nsd", "hd95", "presence_probability", "gt_voxels",
+           "pred_voxels", "gt_volume_ml", "pred_volume_ml", "unvetoed_volume_ml", "false_positive", "false_negative",
+           "agreement_with_name"]
+
+
+def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
+             nsd_tolerance_mm: float = 2.0, classes: list[str] | str | None = None, progress: bool = True,
+             heldout: bool = True) -> dict:
+    """Score every case of ``split``; with ``heldout``, each class is also asked with every held-out paraphrase the
+    model's vocabulary has for it (wordings never trained on), reported apart as ``by_class_heldout``.
+
+    ``classes``: the classes to score where a case annotates them — by default those the model was trained on (its
+    vocabulary); pass ``"all"`` to also ask for every other annotated class by name (open-vocabulary probing)."""
+    cases = read_manifest(manifest, split=split)
+    if not cases:
+        raise VlsegError(f"{manifest}: no cases in split {split!r}")
+    vocabulary = getattr(segmenter, "vocabulary", None)
+    if classes is None and vocabulary is not None:
+        classes = list(vocabulary.names)
+    elif classes == "all":
+        classes = None
+    presence_threshold = float(segmenter.config["inference"]["presence_threshold"])
+    rows, started, segmented = [], time.perf_counter(), 0
+    for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
+        scan = load_scan(case.image)
+        label = load_label(case.label, like=scan)
+        names = [c for c in case.classes if classes is None or c in classes]
+        if not names:
+            continue
+        asks = [(name, name, "name") for name in names]
+        # A closed-vocabulary model (one-hot codes) cannot be asked an unseen paraphrase at all: none are scored.
+        if heldout and vocabulary is not None and getattr(getattr(segmenter, "text_encoder", None), "open_vocabulary",
+                                                          True):
+            asks += [(name, text, "heldout") for name in names if name in vocabulary.names
+                     for text in vocabulary.heldout[name]]
+        # Masks without the presence veto, which is applied below: the same pass then also scores the simplest
+        # alternative to a presence head (calling a target absent when its predicted volume is small).
+        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False,
+                                   presence_threshold=0.0)
+        segmented += 1
+        by_name = {}
+        for (name, _, wording), r in zip(asks, result.results):
+            kept = r.presence_probability >= presence_threshold
+            pred = r.mask.astype(bool) if kept else np.zeros(r.mask.shape, bool)
+            gt = case.class_mask(label, name)
+            scores = score_case(pred, gt, scan.spacing, nsd_tolerance_mm)
+            row = {"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
+                   "wording": wording, "presence_probability": r.presence_probability,
+                   "unvetoed_volume_ml": r.volume_ml, **scores}
+            if wording == "name":
+                by_name[name] = pred
+            elif name in by_name:  # how far the paraphrase's mask is from the class name's
+                row["agreement_with_name"] = _dice(pred, by_name[name])
+            rows.append(row)
+    named = [r for r in rows if r["wording"] == "name"]
+    paraphrased = [r for r in rows if r["wording"] == "heldout"]
+    rows = named + paraphrased
+    summary = {
+        "split": split,
+        "manifest": str(manifest),
+        "checkpoint": getattr(segmenter, "checkpoint", ""),
+        "nsd_tolerance_mm": nsd_tolerance_mm,
+        "cases": len({r["case_id"] for r in rows}),
+        "by_class": summarise(named, ("class",)),
+        "by_dataset_class": summarise(named, ("dataset", "class")),
+        "overall": summarise(named, ()),
+        "by_class_heldout": summarise(paraphrased, ("class",)) if paraphrased else [],
+        "absent_targets": absent_target_rates(named, presence_threshold),
+        "paraphrase_consistency": paraphrase_consistency(rows) if paraphrased else None,
+        # loading, all prompts and scoring, per case (a table's inference-cost column)
+        "seconds_per_case": (time.perf_counter() - started) / max(segmented, 1),
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "per_case.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
+    summary["rows"] = rows
+    return summary
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+VOLUME_RULE_ML = (0.5, 2.0, 10.0)
+
+
+def absent_target_rates(rows: list[dict], presence_threshold: float) -> dict:
+    """How often a target that is not in the scan still gets a mask (false-positive rate over absent targets) and how
+    often one that is gets none (miss rate over present targets): with the presence head's veto, and with the simplest
+    alternative, calling a target absent when its unvetoed mask is smaller than a volume (each of VOLUME_RULE_ML)."""
+    absent = [r for r in rows if not r["gt_present"]]
+    present = [r for r in rows if r["gt_present"]]
+
+    def rates(says_present) -> dict:
+        return {"false_positive_rate": sum(map(says_present, absent)) / len(absent) if absent else None,
+                "miss_rate": sum(not says_present(r) for r in present) / len(present) if present else None}
+
+    return {"absent": len(absent), "present": len(present), "presence_threshold": presence_threshold,
+            "presence_head": rates(lambda r: r["pred_present"]),
+            "volume_rule": [{"min_volume_ml": v, **rates(lambda r, v=v: r["unvetoed_volume_ml"] >= v)}
+                            for v in VOLUME_RULE_ML]}
+
+
+def paraphrase_consistency(rows: list[dict]) -> dict:
+    """Over each (case, class) asked by its name and by held-out paraphrases: the median Dice across those wordings,
+    and the median agreement (Dice) of a paraphrase's mask with the name's; then the median over (case, class)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["case_id"], r["class"]), []).append(r)
+    medians, agreements = [], []
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        medians.append(float(np.median([r["dice"] for r in group])))
+        agreements += [r["agreement_with_name"] for r in group if "agreement_with_name" in r]
+    return {"targets": len(medians),
+            "median_dice_across_wordings": float(np.median(medians)) if medians else None,
+            "median_agreement_with_name": float(np.median(agreements)) if agreements else None}
+
+
+def _finite(obj):
+    """JSON has no NaN: write null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+

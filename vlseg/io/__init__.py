@@ -1,0 +1,1 @@
+"""Reading scans and writing masks in the scan's own geometry."""

@@ -1,0 +1,193 @@
+"""SAT-style query decoder: prompt embeddings become queries that cross-attend multi-scale image tokens.
+
+Each decoded query yields a mask (its embedding dotted with the per-voxel embedding → logits) and a presence logit
+(is the target in this crop at all).  Sigmoid per query, so overlapping targets are fine.  Written here rather than
+taken from a library because the masked, variable-length query handling and the presence head are specific to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlseg.errors import VlsegError
+from vlseg.models.features import ImageFeatures
+from vlseg.registry import FUSIONS
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(shape: tuple[int, int, int], dim: int, device: str) -> torch.Tensor:
+    return sinusoidal_positions_3d(shape, dim, device)
+
+
+def sinusoidal_positions_3d(shape, dim: int, device=None) -> torch.Tensor:
+    """Fixed 3D sinusoidal encoding of normalised voxel-centre coordinates: ``[prod(shape), dim]``.
+
+    Coordinates are in [0, 1] for every grid, so tokens at different scales that cover the same place agree.
+    """
+    per_axis = (dim // 6) * 2
+    freqs = torch.exp(torch.arange(per_axis // 2, device=device) * (-math.log(1000.0) / max(per_axis // 2, 1)))
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n for n in shape]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [N, 3]
+    angles = grid[:, :, None] * freqs[None, None, :] * 2 * math.pi * 16  # [N, 3, F]
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(grid.shape[0], -1)
+    return F.pad(enc, (0, dim - enc.shape[1]))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, self_attention: bool, dropout: float, ffn_dim: int | None = None):
+        super().__init__()
+        ffn_dim = ffn_dim or 4 * dim
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if self_attention else None
+        self.norm_self = nn.LayerNorm(dim) if self_attention else None
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+
+    def forward(self, q, keys, values, query_pad):
+        if self.self_attn is not None:
+            h = self.norm_self(q)
+            q = q + self.self_attn(h, h, h, key_padding_mask=query_pad, need_weights=False)[0]
+        h = self.norm_cross(q)
+        q = q + self.cross_attn(h, keys, values, need_weights=False)[0]
+        return q + self.ffn(self.norm_ffn(q))
+
+
+@FUSIONS.register("query_decoder")
+class QueryDecoder(nn.Module):
+    """Settings beyond width and depth, each an ablation switch:
+
+    * ``key_scales``: which feature maps the queries attend (indices into fine → coarse, -1 the bottleneck);
+    * ``key_fusion``: ``tokens`` — each chosen scale is its own set of tokens (pooled to at most
+      ``max_tokens_per_scale``), told apart by a learned level embedding; ``concat`` — SAT: every chosen scale is
+      average-pooled to the coarsest one's grid, the maps are concatenated along channels and an MLP
+      (``key_hidden`` wide) projects them to one set of tokens;
+    * ``key_source``: ``decoder`` (the decoder's stages) or ``encoder`` (the encoder's outputs, as SAT);
+    * ``self_attention`` between queries, ``ffn_dim`` (default 4 × dim), ``mask_hidden`` (the mask head's width);
+    * ``deep_supervision``: N > 0 adds mask heads on the next N finer decoder stages (1/2, 1/4 … resolution when the
+      first stride is 1), as SAT does; their logits (training only) enter the loss with weights halving per level.
+    """
+
+    def __init__(self, text_dim: int, feature_channels: list[int], embed_dim: int, dim: int = 128, layers: int = 2,
+                 heads: int = 4, self_attention: bool = True, key_scales=(-1, -2), dropout: float = 0.0,
+                 max_tokens_per_scale: int = 512, ffn_dim: int | None = None, key_fusion: str = "tokens",
+                 key_source: str = "decoder", key_hidden: int | None = None, mask_hidden: int | None = None,
+                 deep_supervision: int = 0):
+        super().__init__()
+        if key_fusion not in ("tokens", "concat"):
+            raise ValueError(f"fusion.key_fusion={key_fusion!r}: use 'tokens' or 'concat'")
+        if key_source not in ("decoder", "encoder"):
+            raise ValueError(f"fusion.key_source={key_source!r}: use 'decoder' or 'encoder'")
+        if not 0 <= int(deep_supervision) < len(feature_channels):
+            raise ValueError(f"fusion.deep_supervision={deep_supervision}: between 0 and {len(feature_channels) - 1}")
+        self.key_scales = [int(k) for k in key_scales]
+        self.key_fusion, self.key_source = key_fusion, key_source
+        self.max_tokens = max_tokens_per_scale
+        # (the encoder's outputs, where used, have the same widths as the decoder stages at each scale)
+        key_channels = [feature_channels[k] for k in self.key_scales]
+        self.query_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        if key_fusion == "tokens":
+            self.key_proj = nn.ModuleList(nn.Linear(c, dim) for c in key_channels)
+            self.level_embed = nn.Parameter(torch.zeros(len(self.key_scales), dim))
+        else:
+            hidden = key_hidden or dim
+            self.key_proj = nn.Sequential(nn.Linear(sum(key_channels), hidden), nn.GELU(), nn.Linear(hidden, dim),
+                                          nn.GELU())
+            self.level_embed = nn.Parameter(torch.zeros(1, dim))
+        self.key_norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(DecoderLayer(dim, heads, self_attention, dropout, ffn_dim) for _ in range(layers))
+        self.out_norm = nn.LayerNorm(dim)
+        mask_hidden = mask_hidden or dim
+        self.mask_head = nn.Sequential(nn.Linear(dim, mask_hidden), nn.GELU(), nn.Linear(mask_hidden, embed_dim))
+        self.presence_head = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, 1))
+        # One-element vectors rather than 0-d scalars: DeepSpeed broadcasts parameters as byte views, which 0-d
+        # tensors cannot give.
+        self.logit_scale = nn.Parameter(torch.full((1,), 1.0 / math.sqrt(embed_dim)))
+        self.logit_bias = nn.Parameter(torch.full((1,), -2.0))  # targets are small: start from "mostly background"
+        # Deep supervision: a mask head per finer decoder stage, dotted with that stage's own features.
+        self.aux_levels = list(range(1, int(deep_supervision) + 1))
+        self.aux_heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, mask_hidden), nn.GELU(), nn.Linear(mask_hidden, feature_channels[level]))
+            for level in self.aux_levels)
+        self.aux_scales = nn.Parameter(torch.tensor([1.0 / math.sqrt(feature_channels[level])
+                                                     for level in self.aux_levels])) if self.aux_levels else None
+        self.activation_checkpointing = False  # recompute each layer in backward (train.activation_checkpointing)
+
+    @staticmethod
+    def _pool(fmap: torch.Tensor, size=None) -> torch.Tensor:
+        # (torch has no bf16 3D average pooling on CPU, which a pure-bf16 DeepSpeed model would need)
+        x = fmap.float() if fmap.device.type == "cpu" else fmap
+        x = F.adaptive_avg_pool3d(x, size) if size is not None else F.avg_pool3d(x, 2, stride=2, ceil_mode=True)
+        return x.to(fmap.dtype)
+
+    def _sources(self, features: ImageFeatures) -> list[torch.Tensor]:
+        maps = features.multiscale
+        if self.key_source == "encoder":
+            if features.encoder is None:
+                raise VlsegError("fusion.key_source=encoder: this image encoder does not expose its encoder outputs "
+                                 "(unet3d does); use key_source=decoder")
+            maps = features.encoder
+        return [maps[k] for k in self.key_scales]
+
+    def _with_positions(self, tokens: torch.Tensor, shape, level: int):
+        # The same grids recur every step and every window: the (fixed) encodings are computed once per shape.
+        pos = _positions(tuple(shape), tokens.shape[-1], str(tokens.device)).to(tokens.dtype)
+        value = tokens + self.level_embed[level]
+        return value + pos, value
+
+    def _tokens(self, features: ImageFeatures):
+        keys, values = [], []
+        sources = self._sources(features)
+        if self.key_fusion == "concat":
+            grid = min((m.shape[2:] for m in sources), key=lambda s: s.numel())
+            fmap = torch.cat([m if m.shape[2:] == grid else self._pool(m, tuple(grid)) for m in sources], dim=1)
+            while fmap.shape[2:].numel() > self.max_tokens:
+                fmap = self._pool(fmap)
+            key, value = self._with_positions(self.key_proj(rearrange(fmap, "b c x y z -> b (x y z) c")),
+                                              fmap.shape[2:], 0)
+            keys.append(key)
+            values.append(value)
+        else:
+            for level, (fmap, proj) in enumerate(zip(sources, self.key_proj)):
+                while fmap.shape[2:].numel() > self.max_tokens:  # bound attention cost on fine scales
+                    fmap = self._pool(fmap)
+                key, value = self._with_positions(proj(rearrange(fmap, "b c x y z -> b (x y z) c")), fmap.shape[2:],
+                                                  level)
+                keys.append(key)
+                values.append(value)
+        keys, values = torch.cat(keys, 1), torch.cat(values, 1)
+        return self.key_norm(keys), self.key_norm(values)
+
+    def forward(self, features: ImageFeatures, prompts: torch.Tensor, query_mask: torch.Tensor | None = None) -> dict:
+        """``prompts`` ``[B, Q, text_dim]``; ``query_mask`` ``[B, Q]`` True for real (non-padding) queries.
+
+        Returns ``mask_logits [B, Q, D, H, W]`` and ``presence_logits [B, Q]``.
+        """
+        keys, values = self._tokens(features)
+        q = self.query_proj(prompts.to(keys.dtype))
+        pad = None if query_mask is None else ~query_mask.bool()
+        if pad is not None and pad.all(dim=1).any():
+            pad = pad.clone()
+            pad[pad.all(dim=1), 0] = False  # an all-padding row would make attention NaN; its outputs are ignored
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                q = checkpoint(layer, q, keys, values, pad, use_reentrant=False)
+            else:
+                q = layer(q, keys, values, pad)
+        q = self.out_norm(q)
+        mask_vec = self.mask_head(q)
+        logits = torch.einsum("bqe,bexyz->bqxyz", mask_vec, features.voxel_embedding.to(mask_vec.dtype))
+        logits = logits * self.logit_scale + self.logit_bias
+        out = {"mask_logits": logits, "presence_logits": self.presence_head(q).squeeze(-1)}
+        if self.aux_levels and self.training:
+            out["aux_mask_logits"] = [
+                torch.einsum("bqe,bexyz->bqxyz", head(q), features.multiscale[level].to(q.dtype)) * scale
+                + self.logit_bias for level, head, scale in zip(self.aux_levels, self.aux_heads, self.aux_scales)]
+        return out

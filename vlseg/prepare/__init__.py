@@ -1,0 +1,1 @@
+"""Stage 1, prepare: corpora to manifests, manifests to the preprocessing cache."""

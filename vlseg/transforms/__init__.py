@@ -1,0 +1,1 @@
+"""Array transforms shared by preprocessing, training and inference."""

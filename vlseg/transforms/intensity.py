@@ -1,0 +1,44 @@
+"""Intensities the model reads: the CT window and the MR z-score."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vlseg.errors import VlsegError
+from vlseg.io.scan import canonical_modality
+
+
+def intensity_window(window, what: str) -> tuple[float, float]:
+    """``(low, high)`` as two finite floats with low < high, or a one-line error naming ``what``."""
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        lo = hi = float("nan")
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise VlsegError(f"{what} must be two finite numbers (low, high) with low < high, got {window!r}")
+    return lo, hi
+
+
+def normalize_intensity(data, modality: str, ct_window=(-200.0, 300.0)) -> np.ndarray:
+    """Model-ready float32 intensities.
+
+    CT: clip to ``ct_window`` (HU) and scale linearly to [-1, 1].  MR: clip to the 0.5–99.5 percentiles of the
+    non-zero voxels, then z-score with the mean and standard deviation of those voxels (an all-zero image stays 0).
+    ``modality`` is "CT" or "MR" in any case; "MRI" means MR.
+    """
+    kind = canonical_modality(modality)
+    data = np.asarray(data, dtype=np.float32)
+    if kind == "CT":
+        lo, hi = intensity_window(ct_window, "ct_window")
+        return ((np.clip(data, lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0).astype(np.float32)
+    foreground = data != 0
+    values = data[foreground]
+    if values.size == 0:
+        return np.zeros_like(data, dtype=np.float32)
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    clipped = np.clip(data, lo, hi)
+    values = clipped[foreground].astype(np.float64)
+    mean, std = float(values.mean()), float(values.std())
+    return ((clipped - mean) / max(std, 1e-6)).astype(np.float32)

@@ -1,0 +1,1 @@
+"""The canonical vocabulary and how prompts are read against it."""

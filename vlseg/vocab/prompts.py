@@ -1,0 +1,183 @@
+"""Prompts as users type them: validated up front (before any model is loaded), named for output files, and
+understood against a model's vocabulary (spelling, plurals, synonyms; free text with its nearest classes; nonsense
+refused with suggestions)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from vlseg.errors import VlsegError
+
+
+def validate_prompts(prompts) -> list[str]:
+    """Strip, drop exact duplicates, refuse an empty list or a blank prompt."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts or [])
+    if not prompts:
+        raise VlsegError("no prompt given: pass at least one, e.g. -p 'liver'")
+    out = []
+    for i, p in enumerate(prompts, 1):
+        if not isinstance(p, str) or not p.strip():
+            raise VlsegError(f"prompt {i} is blank: give a structure name such as 'liver tumor'")
+        if p.strip() not in out:
+            out.append(p.strip())
+    return out
+
+
+def slug(text: str) -> str:
+    """File-name form of a prompt: ``"Liver tumor"`` → ``liver_tumor``."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "prompt"
+
+
+# --------------------------------------------------------------------------------------------- reading what users type
+
+# British → American spellings of anatomical words (the vocabulary is written in American English).
+_SPELLING = {"tumour": "tumor", "tumours": "tumors", "oesophagus": "esophagus", "oesophageal": "esophageal",
+             "oedema": "edema", "haemorrhage": "hemorrhage", "haematoma": "hematoma", "haemangioma": "hemangioma",
+             "caecum": "cecum", "grey": "gray", "foetal": "fetal", "anaemia": "anemia", "ischaemia": "ischemia",
+             "ischaemic": "ischemic", "leukaemia": "leukemia", "centre": "center", "paediatric": "pediatric",
+             "haemorrhagic": "hemorrhagic", "oestrogen": "estrogen", "colour": "color", "fibre": "fiber",
+             "orthopaedic": "orthopedic", "aetiology": "etiology", "haem": "hem"}
+_ARTICLES = {"the", "a", "an"}
+
+
+def canonical_form(text: str) -> str:
+    """Lower case, punctuation other than hyphens dropped, whitespace collapsed, a leading article removed."""
+    words = re.sub(r"[^\w\s-]", " ", text.lower()).split()
+    if len(words) > 1 and words[0] in _ARTICLES:
+        words = words[1:]
+    return " ".join(words)
+
+
+def _singular(word: str) -> str:
+    if len(word) <= 3 or word.endswith(("ss", "us", "is")):
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"  # arteries → artery
+    if word.endswith("ae"):
+        return word[:-1]  # vertebrae → vertebra
+    if word.endswith(("ches", "shes", "xes", "sses")):
+        return word[:-2]
+    return word[:-1] if word.endswith("s") else word
+
+
+def wording_variants(text: str) -> list[tuple[str, str]]:
+    """``(form, how)`` to look up, in order: as typed, American spelling, singular, both."""
+    base = canonical_form(text)
+    american = " ".join(_SPELLING.get(w, w) for w in base.split())
+    out = [(base, "as typed"), (american, "spelling")]
+    for form, how in list(out):
+        singular = " ".join(_singular(w) for w in form.split())
+        out.append((singular, "plural" if how == "as typed" else "spelling, plural"))
+    seen, unique = set(), []
+    for form, how in out:
+        if form and form not in seen:
+            seen.add(form)
+            unique.append((form, how))
+    return unique
+
+
+@dataclass
+class PromptMatch:
+    """How a prompt was understood. ``query`` is what the text encoder is given: the class's name when the prompt is
+    one of the vocabulary's wordings of it, the prompt itself otherwise (free text, with ``nearest`` classes)."""
+
+    prompt: str
+    query: str
+    vocabulary_class: str | None
+    how: str  # "name", "synonym", "spelling", "plural", "spelling, plural", "close spelling of …" or "free text"
+    nearest: list[tuple[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "understood_as": self.vocabulary_class, "how": self.how,
+                "nearest_classes": [{"class": c, "similarity": round(s, 3)} for c, s in self.nearest]}
+
+
+def _wordings(vocabulary) -> dict[str, str]:
+    """Canonical form of each class name and synonym → class.  Held-out paraphrases are deliberately absent: they
+    exist to test the text encoder on wordings it never saw, so they must reach it as typed."""
+    table = {}
+    for name in vocabulary.names:
+        for text in [name, *vocabulary.synonyms[name]]:
+            table.setdefault(canonical_form(text), name)
+    return table
+
+
+def _full_vocabulary_class(prompt: str, vocabulary) -> str | None:
+    """The bundled vocabulary's class a prompt names, when the model's own vocabulary lacks it."""
+    from vlseg.vocab.vocabulary import Vocabulary
+
+    try:
+        full = Vocabulary.load("default")
+    except VlsegError:
+        return None
+    table = _wordings(full)
+    found = next((table[form] for form, _ in wording_variants(prompt) if form in table), None)
+    return found if found is not None and found not in vocabulary.names else None
+
+
+def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: float = 0.3) -> list[PromptMatch]:
+    """Understand each prompt against a model's vocabulary; refuse, in one line with suggestions, those that cannot be
+    meant as a structure.
+
+    A prompt that is (up to case, punctuation, an article, British spelling or a plural) a class name or synonym is
+    asked as that class.  Anything else is free text for the text encoder, reported with its nearest classes by
+    embedding cosine; it is refused when it has no word of three letters or more, or when even its nearest class is
+    less similar than ``min_similarity`` (0.3 suits the bundled MiniLM: "asdf" 0.23, "the weather today" 0.18, while
+    paraphrases such as "hepar" reach 0.35), and a closed-vocabulary (one-hot) model refuses all free text."""
+    prompts = validate_prompts(prompts)
+    table = _wordings(vocabulary)
+
+    matches, free = [], []
+    for prompt in prompts:
+        for form, how in wording_variants(prompt):
+            if form in table:
+                name = table[form]
+                if how == "as typed":
+                    how = "name" if form == canonical_form(name) else "synonym"
+                matches.append(PromptMatch(prompt, name, name, how))
+                break
+        else:
+            typo = difflib.get_close_matches(canonical_form(prompt), list(table), n=1, cutoff=0.9)
+            if typo:  # one slip of the keyboard away from a wording ("livr tumor")
+                matches.append(PromptMatch(prompt, table[typo[0]], table[typo[0]], f"close spelling of {typo[0]!r}"))
+                continue
+            matches.append(PromptMatch(prompt, prompt, None, "free text"))
+            free.append(matches[-1])
+    if not free:
+        return matches
+    open_vocabulary = text_encoder is not None and getattr(text_encoder, "open_vocabulary", True)
+    if open_vocabulary:
+        import torch
+
+        names = list(vocabulary.names)
+        known = torch.nn.functional.normalize(text_encoder.encode(names).float(), dim=-1)
+        asked = torch.nn.functional.normalize(text_encoder.encode([m.prompt for m in free]).float(), dim=-1)
+        sims = asked @ known.T
+        for m, row in zip(free, sims):
+            top = row.argsort(descending=True)[:3].tolist()
+            m.nearest = [(names[i], float(row[i])) for i in top]
+    problems = []
+    for m in free:
+        wordy = re.search(r"[^\W\d_]{3,}", m.prompt) is not None
+        if open_vocabulary and wordy and m.nearest and m.nearest[0][1] >= min_similarity:
+            continue
+        guesses = [table[g] for g in difflib.get_close_matches(canonical_form(m.prompt), list(table), n=3,
+                                                                 cutoff=0.6)]
+        elsewhere = _full_vocabulary_class(m.prompt, vocabulary)
+        reason = ("this model knows only its vocabulary's classes" if not open_vocabulary else
+                  "it is not a structure name" if not wordy else
+                  f"it matches no class this model knows (closest: {m.nearest[0][0]!r}, "
+                  f"similarity {m.nearest[0][1]:.2f})")
+        if elsewhere:
+            reason += f"; {elsewhere!r} is in vlseg's vocabulary, but this model was not trained on it"
+        hint = (f"did you mean {' or '.join(repr(g) for g in dict.fromkeys(guesses))}?" if guesses else
+                f"this model knows {', '.join(repr(n) for n in list(vocabulary.names)[:8])}"
+                f"{' …' if len(vocabulary) > 8 else ''} (vlseg classes lists wordings)")
+        problems.append(f"prompt {m.prompt!r}: {reason}; {hint}")
+    if problems:
+        raise VlsegError(" | ".join(problems))
+    return matches
