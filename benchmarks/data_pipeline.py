@@ -41,20 +41,20 @@ def main(argv=None) -> int:
     from torch.utils.data import DataLoader
 
     from vlseg.config import load_config
-    from vlseg.data.crops import CropDataset, collate, synthesis_plan
-    from vlseg.data.manifest import read_manifest
-    from vlseg.data.preprocess import open_cache, preprocess_corpus
-    from vlseg.losses import LOSSES
     from vlseg.models.network import build_network, prompt_inputs
-    from vlseg.distributed import resolve_mixed_precision
-    from vlseg.train import preprocess_settings
-    from vlseg.vocab import Vocabulary
+    from vlseg.prepare.cache.build import open_cache, preprocess_corpus
+    from vlseg.prepare.manifest import read_manifest
+    from vlseg.train.crops import CropDataset, collate, synthesis_plan
+    from vlseg.train.distributed import resolve_mixed_precision
+    from vlseg.train.loop import preprocess_settings
+    from vlseg.train.losses import LOSSES
+    from vlseg.vocab.vocabulary import Vocabulary
 
     tmp = Path(tempfile.mkdtemp(prefix="vlseg-bench-"))
     manifest = Path(args.manifest)
     config = args.config
     if not manifest.is_file():
-        from data_prep.phantoms import generate_corpus
+        from vlseg.prepare.phantoms import generate_corpus
 
         print(f"{manifest} not found: using the phantom corpus")
         generate_corpus(tmp / "phantoms")

@@ -46,7 +46,7 @@ def make_scan(path: Path) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from vlseg.io import resample_to_shape
+    from vlseg.transforms.spatial import resample_to_shape
 
     src = nib.load(str(REPO / "data" / "real" / "raw" / "Dataset101_AbdomenCT" / "imagesTr" / "A_0000.nii.gz"))
     data = resample_to_shape(np.asarray(src.dataobj, dtype=np.float32), SHAPE, order=1)
@@ -60,7 +60,7 @@ def make_scan(path: Path) -> Path:
 
 def prompt_list(n: int) -> list[str]:
     """n distinct prompts: the bundled vocabulary's class names, then their other wordings."""
-    from vlseg.vocab import Vocabulary
+    from vlseg.vocab.vocabulary import Vocabulary
 
     vocab = Vocabulary.load("default")
     names = list(vocab.names) + [s for n_ in vocab.names for s in vocab.synonyms[n_][1:]]
@@ -72,8 +72,8 @@ def prompt_list(n: int) -> list[str]:
 def worker(args) -> None:
     import torch
 
-    from vlseg.inference import Segmenter
-    from vlseg.io import load_scan
+    from vlseg.infer.segmenter import Segmenter
+    from vlseg.io.scan import load_scan
 
     torch.set_num_threads(args.threads)
     segmenter = Segmenter.from_pretrained(args.model, device="cpu")
@@ -123,9 +123,9 @@ def worker(args) -> None:
 
 def default_model(work: Path) -> Path:
     """configs/real.yaml's network, trained 20 steps on the phantom corpus (see the module docstring)."""
-    from data_prep.phantoms import generate_corpus
     from vlseg.config import load_config
-    from vlseg.train import train
+    from vlseg.prepare.phantoms import generate_corpus
+    from vlseg.train.loop import train
 
     manifest = generate_corpus(work / "phantoms", progress=False)
     cfg = load_config(REPO / "configs" / "real.yaml", [f"data.manifest={manifest}", f"output_root={work}",

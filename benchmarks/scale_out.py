@@ -132,9 +132,15 @@ def worker_zero2(args) -> int:
     import torch
 
     from vlseg.config import load_config
-    from vlseg.distributed import finish, launched_world, make_accelerator, micro_batch_size, unpartitioned_construction
     from vlseg.models.network import build_network
-    from vlseg.vocab import Vocabulary
+    from vlseg.train.distributed import (
+        finish,
+        launched_world,
+        make_accelerator,
+        micro_batch_size,
+        unpartitioned_construction,
+    )
+    from vlseg.vocab.vocabulary import Vocabulary
 
     cfg = load_config(str(REAL_CONFIG), [f"train.deepspeed={ZERO2_CONFIG}", "train.mixed_precision=no",
                                          f"train.batch_size={args.batch}"])
@@ -237,9 +243,9 @@ def figure_zero2(args, tmp: Path) -> dict:
 # figure 2: training throughput, 2 processes vs 1 (the real training command)
 
 def figure_throughput(args, tmp: Path) -> dict:
-    from data_prep.phantoms import generate_corpus
     from vlseg.config import load_config
-    from vlseg.train import load_training_cases
+    from vlseg.prepare.phantoms import generate_corpus
+    from vlseg.train.loop import load_training_cases
 
     manifest = generate_corpus(tmp / "phantoms", n_train=4, n_test=1, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0),
                                seed=0, progress=False)
@@ -355,7 +361,7 @@ def worker_actckpt(args) -> int:
 
     from vlseg.config import load_config
     from vlseg.models.network import build_network
-    from vlseg.vocab import Vocabulary
+    from vlseg.vocab.vocabulary import Vocabulary
 
     crop = [int(v) for v in args.crop[0]]
     cfg = load_config(str(REAL_CONFIG), [f"data.crop_size=[{crop[0]}, {crop[1]}, {crop[2]}]"])
