@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from vlseg.config import config_path
 from vlseg.errors import VlsegError
 
 # Launchers that start one process per rank set these; a plain ``python train.py`` sets none.
@@ -75,7 +76,7 @@ def deepspeed_config(cfg: dict, world_size: int, universal: bool = False) -> dic
     path = cfg["train"].get("deepspeed")
     if not path:
         return None
-    path = Path(path)
+    path = config_path(path)  # a file, or a shipped one by name: configs/deepspeed/zero2.json works anywhere
     try:
         ds = json.loads(path.read_text())
     except FileNotFoundError:
