@@ -16,6 +16,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def split_error(exc: BaseException, default_file) -> tuple[str, str]:
+    """A one-line error read back as (file, problem): ``"<file>: <problem>"`` splits at the first ``": "``; a message
+    naming no file gives (``default_file``, the whole message)."""
+    text = str(exc)
+    file, sep, problem = text.partition(": ")
+    return (file, problem) if sep and file else (str(default_file), text)
+
+
 def shape_str(shape) -> str:
     """(512, 512, 20) → "512x512x20"."""
     return "x".join(str(int(n)) for n in shape)

@@ -5,6 +5,7 @@ verification, the command line, and parallel runs giving the same bytes."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -18,20 +19,16 @@ import pytest
 
 import vlseg.prepare.cache.build as pp
 from data_prep.preprocess import main as cli
-from vlseg.errors import VlsegError
+from vlseg.errors import VlsegError, split_error
 from vlseg.io.scan import load_label, load_scan
-from vlseg.prepare.cache.build import (
-    CachedCase,
-    case_dir,
-    default_cache_dir,
-    open_cache,
-    plan_corpus,
-    plan_spacing,
-    preprocess_corpus,
-    verify_corpus,
-)
+from vlseg.prepare.cache.build import preprocess_corpus
+from vlseg.prepare.cache.keys import FORMAT_VERSION, RERUN, case_dir, case_key, default_cache_dir
+from vlseg.prepare.cache.plan import plan_corpus, plan_spacing
+from vlseg.prepare.cache.read import CachedCase, open_cache
+from vlseg.prepare.cache.verify import verify_corpus
 from vlseg.prepare.manifest import Case, read_manifest, write_manifest
-from vlseg.transforms.intensity import normalize_intensity
+from vlseg.transforms.frame import to_model_frame
+from vlseg.transforms.intensity import CT_WINDOW, normalize_intensity
 from vlseg.transforms.spatial import resample_to_spacing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,7 +141,7 @@ def test_cached_arrays_equal_direct_computation(phantom_corpus, tmp_path):
         np.testing.assert_allclose(np.asarray(cc.image, np.float32), image, atol=1e-3)  # float16 rounding
         assert np.array_equal(cc.label, label)
         meta = json.loads((case_dir(tmp_path / "cache", case) / "meta.json").read_text())
-        assert meta["classes"] == case.classes and meta["format"] == pp.FORMAT_VERSION and len(meta["key"]) == 64
+        assert meta["classes"] == case.classes and meta["format"] == FORMAT_VERSION and len(meta["key"]) == 64
         for name, values in case.classes.items():
             mask = np.isin(label, values)
             if not mask.any():
@@ -206,7 +203,43 @@ def test_crop_reads_regions_and_pads_outside(phantom_corpus, tmp_path):
         cc.class_mask(lab, "brain")
 
 
+def test_cached_image_is_the_inference_frame_in_float16(phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="train")[0]
+    settings = {**SETTINGS, "target_spacing": [3.0, 5.0, 4.0]}
+    preprocess_corpus([case], tmp_path / "cache", settings, workers=0, progress=False)
+    (cc,) = open_cache([case], tmp_path / "cache", settings)
+    scan = load_scan(case.image)
+    image, frame = to_model_frame(scan, case.modality, CT_WINDOW, [3.0, 5.0, 4.0])  # what Segmenter computes
+    assert cc.shape == frame.shape and cc.spacing == frame.spacing
+    assert np.array_equal(np.asarray(cc.image), image.astype(np.float16))
+    assert np.array_equal(cc.label, frame.label(load_label(case.label, like=scan)))
+
+
 # ------------------------------------------------------------------------------------------- idempotence, staleness
+
+
+def test_key_is_the_documented_hash_so_existing_caches_stay_valid(tmp_path):
+    """The key of format 2, spelled out: a change to what it covers invalidates every cache already built."""
+    ct = _tiny_case(tmp_path, "Tiny_000", *_tiny_arrays())
+    mr = dataclasses.replace(ct, modality="mri", classes={"liver": [1], "cyst": [2, 3]})
+
+    def documented(case, modality, spacing, window):
+        settings = {"modality": modality, "spacing": spacing,
+                    "classes": {k: v for k, v in sorted(case.classes.items())}}
+        if window is not None:
+            settings["ct_window"] = window
+        sources = [[role, os.path.abspath(p), p.stat().st_size, p.stat().st_mtime_ns]
+                   for role, p in (("image", case.image), ("label", case.label))]
+        text = json.dumps({"format": 2, "settings": settings, "sources": sources}, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    assert FORMAT_VERSION == 2
+    assert case_key(ct, None, SETTINGS) == documented(ct, "CT", None, [-200.0, 300.0])
+    assert case_key(ct, None, {}) == case_key(ct, None, SETTINGS)  # the default window is the config's
+    assert case_key(ct, [2, 3, 4], {"ct_window": [-100, 200]}) == documented(ct, "CT", [2.0, 3.0, 4.0],
+                                                                             [-100.0, 200.0])
+    assert case_key(mr, [2, 2, 2], SETTINGS) == documented(mr, "MR", [2.0, 2.0, 2.0], None)
+    assert case_key(mr, [2, 2, 2], {"ct_window": [0, 1]}) == case_key(mr, [2, 2, 2], SETTINGS)  # CT only
 
 
 def test_rerun_skips_and_changes_rewrite(phantom_corpus, tmp_path):
@@ -226,7 +259,7 @@ def test_rerun_skips_and_changes_rewrite(phantom_corpus, tmp_path):
         open_cache([a, b], cache, window)
     message = str(err.value)
     assert "\n" not in message and a.case_id in message and "2 of 2" in message
-    assert "python -m data_prep.preprocess" in message
+    assert "vlseg prepare cache" in message
     assert preprocess_corpus([a, b], cache, window, workers=0, progress=False)["written"] == [a.case_id, b.case_id]
     np.testing.assert_allclose(open_cache([a], cache, window)[0].image.max(), 1.0, atol=1e-3)
 
@@ -264,7 +297,7 @@ def test_open_cache_on_missing_cache_is_one_line(phantom_corpus, tmp_path):
         open_cache(cases, tmp_path / "nothing", SETTINGS)
     message = str(err.value)
     assert "\n" not in message and cases[0].case_id in message and f"{len(cases)} of {len(cases)}" in message
-    assert "python -m data_prep.preprocess" in message
+    assert "vlseg prepare cache" in message
 
 
 def test_case_writes_are_atomic(phantom_corpus, tmp_path, monkeypatch):
@@ -339,6 +372,15 @@ def test_bad_cases_are_reported_and_the_others_cached(phantom_corpus, tmp_path):
     assert "0 written, 1 up to date, 3 failed" in out.stdout
 
 
+
+def test_error_text_read_back_into_file_and_problem():
+    assert split_error(VlsegError("/data/a b.nii.gz: 1 voxels are NaN: see above"), "x") == (
+        "/data/a b.nii.gz", "1 voxels are NaN: see above")  # at the first ": " only
+    assert split_error(VlsegError("workers must be 0 or more"), Path("/img.nii")) == (
+        "/img.nii", "workers must be 0 or more")  # names no file
+    assert split_error(ValueError(": odd"), "img") == ("img", ": odd")
+
+
 def test_verify_reports_every_problem(phantom_corpus, tmp_path, capsys):
     a, b, c, d = _copy_cases(read_manifest(phantom_corpus, split="train")[:4], tmp_path)
     cache = tmp_path / "cache"
@@ -359,7 +401,7 @@ def test_verify_reports_every_problem(phantom_corpus, tmp_path, capsys):
         by_case.setdefault(p["case"], []).append(p)
     assert set(by_case) == {a.case_id, b.case_id, c.case_id, d.case_id}
     assert by_case[a.case_id] == [{"case": a.case_id, "file": str(case_dir(cache, a) / "image.npy"),
-                                   "problem": "missing from the cache entry (run python -m data_prep.preprocess)"}]
+                                   "problem": f"missing from the cache entry ({RERUN})"}]
     assert [p["file"] for p in by_case[b.case_id]] == [str(b.label)]
     assert f"manifest says {name!r} is" in by_case[b.case_id][0]["problem"]
     assert [p["file"] for p in by_case[c.case_id]] == [str(c.label)]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from vlseg.cli.prepare import phantoms_main as main
 from vlseg.errors import VlsegError
 from vlseg.prepare.manifest import read_manifest, write_manifest
-from vlseg.cli.prepare import phantoms_main as main
 from vlseg.prepare.phantoms import DATASETS, LABELS, generate_corpus, make_case
 
 REPO = Path(__file__).resolve().parents[2]

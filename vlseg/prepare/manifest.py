@@ -81,17 +81,6 @@ class Case:
                 **({"affine": [[float(v) for v in r] for r in self.affine]} if self.affine is not None else {})}
 
 
-def bounding_boxes(label: np.ndarray, classes: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Per present class, its box on the label's (canonical) grid: ``[x0, y0, z0, x1, y1, z1]``, end exclusive —
-    what lets a training crop be centred on a class without reading the whole label."""
-    out = {}
-    for name, values in classes.items():
-        where = np.argwhere(np.isin(label, values))
-        if len(where):
-            out[name] = [*map(int, where.min(0)), *map(int, where.max(0) + 1)]
-    return out
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -100,23 +89,21 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _parse(line: str, where: str, root: Path) -> Case:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise VlsegError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(row, dict):
-        raise VlsegError(f"{where}: expected a JSON object, got {type(row).__name__}")
+def _check_header(row: dict, where: str) -> int:
+    """The row's schema (a one-line error for a missing field or a schema this vlseg cannot read)."""
     for key in FIELDS:
         if key not in row:
             raise VlsegError(f"{where}: missing field {key!r}")
-
     schema = row["schema"]
     if not _is_int(schema) or schema < 1:
         raise VlsegError(f"{where}: 'schema' must be a positive integer, got {schema!r}")
     if schema > MANIFEST_SCHEMA:
         raise VlsegError(f"{where}: manifest schema {schema} is newer than this vlseg supports ({MANIFEST_SCHEMA})")
+    return schema
 
+
+def _check_names(row: dict, where: str) -> None:
+    """Ids, paths and split; the class table and the present flags."""
     for key in ("case_id", "dataset", "modality", "image", "label", "split"):
         if not isinstance(row[key], str) or not row[key].strip():
             raise VlsegError(f"{where}: {key!r} must be a non-empty string, got {row[key]!r}")
@@ -140,6 +127,10 @@ def _parse(line: str, where: str, root: Path) -> Case:
         problem = f"no entry for {missing[0]!r}" if missing else f"{extra[0]!r} is not an annotated class"
         raise VlsegError(f"{where}: 'present' must cover exactly the annotated classes: {problem}")
 
+
+def _check_geometry(row: dict, where: str, schema: int) -> None:
+    """Shape, spacing, boxes and affine."""
+    classes = row["classes"]
     shape, spacing = row["shape"], row["spacing"]
     if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(n) and n > 0 for n in shape):
         raise VlsegError(f"{where}: 'shape' must be three positive integers, got {shape!r}")
@@ -160,6 +151,19 @@ def _parse(line: str, where: str, root: Path) -> Case:
             isinstance(r, list) and len(r) == 4 and all(_is_number(v) for v in r) for r in affine)):
         raise VlsegError(f"{where}: 'affine' must be a 4x4 list of numbers")
 
+
+def _parse(line: str, where: str, root: Path) -> Case:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise VlsegError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise VlsegError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    schema = _check_header(row, where)
+    _check_names(row, where)
+    _check_geometry(row, where, schema)
+    classes, present, shape, spacing = row["classes"], row["present"], row["shape"], row["spacing"]
+    boxes, affine = row.get("boxes") or {}, row.get("affine")
     return Case(case_id=row["case_id"], dataset=row["dataset"], modality=row["modality"],
                 image=Path(os.path.normpath(root / row["image"])), label=Path(os.path.normpath(root / row["label"])),
                 classes={str(k): list(v) for k, v in classes.items()},

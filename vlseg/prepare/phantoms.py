@@ -28,7 +28,9 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from vlseg.errors import VlsegError
-from vlseg.prepare.manifest import Case, bounding_boxes, write_manifest
+from vlseg.prepare.manifest import Case, write_manifest
+from vlseg.transforms.boxes import class_boxes
+from vlseg.transforms.spatial import positive_triple
 
 LABELS = {"liver": 1, "liver tumor": 2, "spleen": 3, "right kidney": 4, "left kidney": 5}
 DATASETS = [  # (folder, dataset name, annotated classes, kind)
@@ -122,65 +124,65 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------------
 # one case
 
-def make_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-    """One random abdomen → (HU image float32, full label map uint8 with all five values, number of tumours)."""
-    shape = tuple(int(n) for n in shape)
-    axes = [((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1) for n in shape]
-    base = np.meshgrid(*axes, indexing="ij")
-    voxel = [2.0 / n for n in shape]  # one voxel in normalised units, per axis
+class _Frame:
+    """The normalised grid one phantom is drawn on: axes in [-1, 1], a smooth random deformation of them shared by
+    the whole body (shapes are not plain ellipsoids), the patient's position on the table, and its tissue HU."""
 
-    # A smooth random deformation shared by the whole body keeps shapes from being plain ellipsoids.
-    amp = 0.045
-    grid = [g + np.float32(amp) * _waves(axes, rng, n=4, freq=(0.8, 1.8)) for g in base]
-    x, y = grid[0], grid[1]
-    shift = rng.uniform(-0.04, 0.04, size=3) * np.array([1.0, 1.0, 0.5])  # patient position on the table
-    tissue = {k: v + rng.normal(0.0, 3.0) for k, v in HU.items() if k not in ("air", "gas")}
+    def __init__(self, shape, rng: np.random.Generator):
+        self.shape = tuple(int(n) for n in shape)
+        self.axes = [((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1) for n in self.shape]
+        self.base = np.meshgrid(*self.axes, indexing="ij")
+        self.voxel = [2.0 / n for n in self.shape]  # one voxel in normalised units, per axis
+        self.grid = [g + np.float32(0.045) * _waves(self.axes, rng, n=4, freq=(0.8, 1.8)) for g in self.base]
+        self.shift = rng.uniform(-0.04, 0.04, size=3) * np.array([1.0, 1.0, 0.5])
+        self.tissue = {k: v + rng.normal(0.0, 3.0) for k, v in HU.items() if k not in ("air", "gas")}
+        self.xs, self.ys = self.grid[0] - self.shift[0], self.grid[1] - self.shift[1] + 0.02
 
-    image = np.full(shape, HU["air"], dtype=np.float32)
-    label = np.zeros(shape, dtype=np.uint8)
+    def disc(self, cx, cy, rx, ry) -> np.ndarray:
+        return ((self.xs - cx) / rx) ** 2 + ((self.ys - cy) / ry) ** 2 <= 1.0
 
-    # Body: a rounded-rectangle cross-section, subcutaneous fat, a muscle wall, intra-abdominal fat.
+
+def _body(f: _Frame, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Body (rounded-rectangle cross-section: subcutaneous fat, muscle wall, intra-abdominal fat), spine, paraspinal
+    muscles, aorta and IVC — unlabelled structures the model must ignore.  Returns the masks later steps avoid."""
     bx, by = 0.90 * rng.uniform(0.95, 1.03), 0.74 * rng.uniform(0.95, 1.03)
-    xs, ys = x - shift[0], y - shift[1] + 0.02
-    body_r = (np.abs(xs / bx) ** 2.4 + np.abs(ys / by) ** 2.4) ** (1 / 2.4)
+    body_r = (np.abs(f.xs / bx) ** 2.4 + np.abs(f.ys / by) ** 2.4) ** (1 / 2.4)
     body = body_r <= 1.0
     wall_in, wall_out = 0.86, 0.93
-    cavity = body_r <= wall_in
-    image[body] = tissue["fat"]
-    image[body & (body_r > wall_in) & (body_r <= wall_out)] = tissue["muscle"]
+    image[body] = f.tissue["fat"]
+    image[body & (body_r > wall_in) & (body_r <= wall_out)] = f.tissue["muscle"]
+    vertebra = f.disc(0.0, -0.49, 0.12, 0.10)
+    canal = f.disc(0.0, -0.63, 0.045, 0.04)
+    posterior = f.disc(0.0, -0.70, 0.035, 0.08) | (f.disc(0.0, -0.63, 0.09, 0.065) & ~canal)
+    paraspinal = (f.disc(-0.19, -0.64, 0.11, 0.08) | f.disc(0.19, -0.64, 0.11, 0.08)) & body
+    image[paraspinal] = f.tissue["muscle"]
+    image[vertebra] = f.tissue["bone"]
+    image[vertebra & ~f.disc(0.0, -0.49, 0.095, 0.075)] = f.tissue["cortical bone"]
+    image[posterior] = f.tissue["bone"]
+    image[canal] = f.tissue["csf"]
+    return {"body": body, "cavity": body_r <= wall_in, "spine": vertebra | posterior | canal, "paraspinal": paraspinal,
+            "aorta": f.disc(0.07, -0.31, 0.05, 0.05), "ivc": f.disc(-0.11, -0.30, 0.055, 0.045)}
 
-    # Spine (posterior midline), paraspinal muscles, aorta and IVC: unlabelled structures the model must ignore.
-    def disc(cx, cy, rx, ry):
-        return ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
 
-    vertebra = disc(0.0, -0.49, 0.12, 0.10)
-    canal = disc(0.0, -0.63, 0.045, 0.04)
-    posterior = disc(0.0, -0.70, 0.035, 0.08) | (disc(0.0, -0.63, 0.09, 0.065) & ~canal)
-    paraspinal = (disc(-0.19, -0.64, 0.11, 0.08) | disc(0.19, -0.64, 0.11, 0.08)) & body
-    image[paraspinal] = tissue["muscle"]
-    image[vertebra] = tissue["bone"]
-    image[vertebra & ~disc(0.0, -0.49, 0.095, 0.075)] = tissue["cortical bone"]
-    image[posterior] = tissue["bone"]
-    image[canal] = tissue["csf"]
-    spine = vertebra | posterior | canal
-    vessels = {"aorta": disc(0.07, -0.31, 0.05, 0.05), "ivc": disc(-0.11, -0.30, 0.055, 0.045)}
-
-    # Organs: ellipsoid parts with jittered pose and size, bumpy surface, no overlaps, fat between neighbours.
-    inner = (np.abs(base[2]) < 1.0 - 2.5 * voxel[2]) & (np.abs(base[0]) < 1.0 - 2.5 * voxel[0]) \
-        & (np.abs(base[1]) < 1.0 - 2.5 * voxel[1])
-    allowed = ndimage.binary_erosion(cavity, iterations=1) & ~ndimage.binary_dilation(
-        spine | paraspinal | vessels["aorta"] | vessels["ivc"], iterations=1) & inner  # never on the grid edge
-    taken = np.zeros(shape, dtype=bool)
-    for name, parts in ORGANS.items():
+def _organs(f: _Frame, image, label, parts: dict, rng: np.random.Generator) -> np.ndarray:
+    """Labelled organs: ellipsoid parts with jittered pose and size, bumpy surface, no overlaps, fat between
+    neighbours, never on the grid's edge.  Returns the voxels they took."""
+    inner = np.ones(f.shape, dtype=bool)
+    for a in (2, 0, 1):
+        inner &= np.abs(f.base[a]) < 1.0 - 2.5 * f.voxel[a]
+    allowed = ndimage.binary_erosion(parts["cavity"], iterations=1) & ~ndimage.binary_dilation(
+        parts["spine"] | parts["paraspinal"] | parts["aorta"] | parts["ivc"], iterations=1) & inner
+    taken = np.zeros(f.shape, dtype=bool)
+    for name, ellipsoids in ORGANS.items():
         scale = rng.uniform(0.85, 1.15)
         jitter = rng.uniform(-0.03, 0.03, size=3)
         spin = rng.uniform(-6.0, 6.0, size=3)
-        bumps = _waves(axes, rng, n=5, freq=(1.5, 3.5))
+        bumps = _waves(f.axes, rng, n=5, freq=(1.5, 3.5))
         dist = None
-        for centre, radii, degrees in parts:
-            c = np.asarray(centre) + shift + jitter
+        for centre, radii, degrees in ellipsoids:
+            c = np.asarray(centre) + f.shift + jitter
             r = np.asarray(radii) * scale * rng.uniform(0.95, 1.05, size=3)
-            d = _ellipsoid_distance(grid, c, r, np.asarray(degrees) + spin)
+            d = _ellipsoid_distance(f.grid, c, r, np.asarray(degrees) + spin)
             dist = d if dist is None else np.minimum(dist, d)
         dist = dist + np.float32(0.07) * bumps
         mask = (dist <= 1.0) & allowed & ~ndimage.binary_dilation(taken, iterations=1)
@@ -189,26 +191,30 @@ def make_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
         taken |= mask
         label[mask] = LABELS[name]
         if "kidney" in name:
-            image[mask] = tissue["kidney"]
-            image[mask & (dist > 0.68)] = tissue["kidney cortex"]  # brighter cortex around the medulla
+            image[mask] = f.tissue["kidney"]
+            image[mask & (dist > 0.68)] = f.tissue["kidney cortex"]  # brighter cortex around the medulla
         else:
-            image[mask] = tissue[name]
+            image[mask] = f.tissue[name]
+    return taken
 
-    # Vessels after the organs, only where they left room.
-    for name, mask in vessels.items():
-        image[mask & body & ~taken] = tissue[name]
 
-    # A few bowel loops (fluid or gas) in the free space of the lower, anterior abdomen.
-    free = cavity & ~ndimage.binary_dilation(taken | spine | paraspinal | vessels["aorta"] | vessels["ivc"],
-                                             iterations=2)
+def _vessels_and_bowel(f: _Frame, image, parts: dict, taken, rng: np.random.Generator) -> None:
+    """Vessels where the organs left room, then a few bowel loops (fluid or gas) in the free space of the lower,
+    anterior abdomen."""
+    for name in ("aorta", "ivc"):
+        image[parts[name] & parts["body"] & ~taken] = f.tissue[name]
+    free = parts["cavity"] & ~ndimage.binary_dilation(
+        taken | parts["spine"] | parts["paraspinal"] | parts["aorta"] | parts["ivc"], iterations=2)
     for _ in range(int(rng.integers(3, 7))):
         c = (rng.uniform(-0.45, 0.45), rng.uniform(-0.05, 0.45), rng.uniform(-0.85, 0.05))
         r = rng.uniform(0.06, 0.11) * np.array([1.0, 1.0, rng.uniform(1.0, 2.0)])
-        loop = (_ellipsoid_distance(grid, c, r, rng.uniform(-30, 30, size=3)) <= 1.0) & free
+        loop = (_ellipsoid_distance(f.grid, c, r, rng.uniform(-30, 30, size=3)) <= 1.0) & free
         gas = rng.random() < 0.4
-        image[loop] = HU["gas"] + rng.normal(0, 40) if gas else tissue["bowel"]
+        image[loop] = HU["gas"] + rng.normal(0, 40) if gas else f.tissue["bowel"]
 
-    # Liver tumours: 0-3 near-spherical hypodense lesions, strictly inside the liver, apart from each other.
+
+def _liver_tumours(shape, image, label, rng: np.random.Generator) -> int:
+    """0-3 near-spherical hypodense lesions, strictly inside the liver, apart from each other; returns how many."""
     liver = label == LABELS["liver"]
     room = liver.copy()
     n_wanted = int(rng.choice([0, 1, 2, 3], p=[0.3, 0.35, 0.2, 0.15]))
@@ -233,11 +239,24 @@ def make_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, 
         image[lesion] = rng.uniform(10.0, 25.0)
         room &= ~ndimage.binary_dilation(lesion, iterations=3)
         n_tumours += 1
+    return n_tumours
 
+
+def make_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
+    """One random abdomen → (HU image float32, full label map uint8 with all five values, number of tumours).
+
+    The steps draw from ``rng`` in a fixed order, so a seed always gives the same phantom."""
+    f = _Frame(shape, rng)
+    image = np.full(f.shape, HU["air"], dtype=np.float32)
+    label = np.zeros(f.shape, dtype=np.uint8)
+    parts = _body(f, image, rng)
+    taken = _organs(f, image, label, parts, rng)
+    _vessels_and_bowel(f, image, parts, taken, rng)
+    n_tumours = _liver_tumours(f.shape, image, label, rng)
     # Scanner: slight blur (partial volume), slow intensity drift, quantum noise.
     image = ndimage.gaussian_filter(image, sigma=0.65)
-    image += np.float32(4.0) * _waves(axes, rng, n=3, freq=(0.3, 0.8))
-    image += rng.normal(0.0, 12.0, size=shape).astype(np.float32)
+    image += np.float32(4.0) * _waves(f.axes, rng, n=3, freq=(0.3, 0.8))
+    image += rng.normal(0.0, 12.0, size=f.shape).astype(np.float32)
     return image.astype(np.float32), label, n_tumours
 
 
@@ -267,8 +286,7 @@ def _check_args(n_train, n_test, shape, spacing):
         raise VlsegError(f"n_test: need at least 1 test case, got {n_test}")
     if len(shape) != 3 or any(n < MIN_SIDE for n in shape):
         raise VlsegError(f"shape: need three sizes of at least {MIN_SIDE} voxels, got {list(shape)}")
-    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise VlsegError(f"spacing: need three positive voxel sizes in mm, got {list(spacing)}")
+    positive_triple(spacing, "spacing (voxel sizes in mm)", where="")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,7 +329,7 @@ def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(56, 56, 
         written |= {img_path, lab_path}
 
         split = "test" if kind == "test" else ("val" if i == n_train - 1 else "train")
-        boxes = bounding_boxes(label, values)  # the arrays are already RAS-canonical
+        boxes = class_boxes(label, values)  # the arrays are already RAS-canonical
         present = {cls: cls in boxes for cls in values}
         cases.append(Case(case_id=case_id, dataset=name, modality="CT", image=img_path.resolve(),
                           label=lab_path.resolve(), classes=values, present=present, shape=shape, spacing=spacing,

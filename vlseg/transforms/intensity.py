@@ -9,6 +9,8 @@ import numpy as np
 from vlseg.errors import VlsegError
 from vlseg.io.scan import canonical_modality
 
+CT_WINDOW = (-200.0, 300.0)  # HU mapped to [-1, 1] for CT unless a config says otherwise (data.ct_window)
+
 
 def intensity_window(window, what: str) -> tuple[float, float]:
     """``(low, high)`` as two finite floats with low < high, or a one-line error naming ``what``."""
@@ -21,7 +23,7 @@ def intensity_window(window, what: str) -> tuple[float, float]:
     return lo, hi
 
 
-def normalize_intensity(data, modality: str, ct_window=(-200.0, 300.0)) -> np.ndarray:
+def normalize_intensity(data, modality: str, ct_window=CT_WINDOW) -> np.ndarray:
     """Model-ready float32 intensities.
 
     CT: clip to ``ct_window`` (HU) and scale linearly to [-1, 1].  MR: clip to the 0.5–99.5 percentiles of the

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 from vlseg.errors import VlsegError
+from vlseg.transforms.spatial import positive_triple
 
 _MAX_ATTEMPTS = 24  # candidate placements per lesion before it is skipped
 _PERTURBATION_TERMS = 6  # low-frequency terms of the radial boundary perturbation
@@ -219,16 +220,6 @@ def _soft_profile(sd: np.ndarray, width: float) -> np.ndarray:
 
 # --- synthesis ----------------------------------------------------------------------------------------------------
 
-def _check_spacing(spacing) -> np.ndarray:
-    try:
-        sp = np.asarray(spacing, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise VlsegError(f"spacing={spacing!r}: expected three positive numbers (mm)") from None
-    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise VlsegError(f"spacing={spacing!r}: expected three positive numbers (mm)")
-    return sp
-
-
 def _check_centre(centre, shape) -> tuple[int, int, int]:
     try:
         c = tuple(_integer(v, "centre") for v in centre)
@@ -237,6 +228,88 @@ def _check_centre(centre, shape) -> tuple[int, int, int]:
     if len(c) != 3 or any(not 0 <= v < n for v, n in zip(c, shape)):
         raise VlsegError(f"centre={centre!r}: expected three voxel indices inside the volume of shape {shape}")
     return c
+
+
+class _Placement(NamedTuple):
+    """Where one lesion goes: its centre voxel, the box around it (``start`` its corner), the soft profile ``w`` and
+    the organ over that box, and its label (``w >= 0.5`` inside the organ)."""
+
+    centre: tuple
+    start: list[int]
+    box: tuple[slice, slice, slice]
+    w: np.ndarray
+    organ_box: np.ndarray
+    label: np.ndarray
+
+
+def _place(rng: np.random.Generator, cfg: LesionConfig, organ: np.ndarray, candidates: np.ndarray,
+           footprint: np.ndarray, sp: np.ndarray, fixed) -> _Placement | None:
+    """Draw a lesion inside the organ, clear of the lesions placed so far (``footprint``), in one piece; None when
+    ``_MAX_ATTEMPTS`` draws find no room.  ``fixed``: the centre of the first attempts, when given."""
+    r_lo, r_hi = cfg.radius_mm
+    reach = 1.0 + cfg.irregularity
+    for attempt in range(_MAX_ATTEMPTS):
+        # Later attempts draw from a shrinking radius range so that a small or thin organ still gets a lesion.
+        radius = float(rng.uniform(r_lo, r_lo + (r_hi - r_lo) * (1.0 - attempt / _MAX_ATTEMPTS)))
+        c = fixed if fixed is not None else np.unravel_index(int(candidates[rng.integers(candidates.size)]),
+                                                             organ.shape)
+        shape = _Shape(rng, cfg, radius)
+        half = np.ceil((radius * reach + 0.5 * cfg.boundary_mm) / sp).astype(int) + 1
+        start = [max(int(ci) - h, 0) for ci, h in zip(c, half)]
+        stop = [min(int(ci) + h + 1, n) for ci, h, n in zip(c, half, organ.shape)]
+        box = tuple(slice(a, b) for a, b in zip(start, stop))
+        d = [((np.arange(a, b) - int(ci)) * s).reshape([-1 if j == axis else 1 for j in range(3)])
+             for axis, (a, b, ci, s) in enumerate(zip(start, stop, c, sp))]
+        w = _soft_profile(shape.signed_distance(*d), cfg.boundary_mm)
+        organ_box = organ[box]
+        raw = w >= 0.5
+        label = raw & organ_box
+        if label.sum() < cfg.margin_inside * raw.sum():
+            continue
+        if (footprint[box] & (w > 0) & organ_box).any():
+            continue
+        if ndimage.label(label)[1] != 1:
+            continue
+        return _Placement(c, start, box, w, organ_box, label)
+    return None
+
+
+def _paint(out: np.ndarray, at: _Placement, sp: np.ndarray, cfg: LesionConfig, rng: np.random.Generator,
+           hu_scale: float, value_range: tuple[float, float]) -> np.ndarray:
+    """Give the placed lesion its contrast and texture in ``out`` (in place); returns where it changed ``out`` (its
+    soft support within the box)."""
+    # Soft profile cut at the organ surface and kept to the piece connected to the lesion's centre.
+    local_centre = tuple(int(ci) - a for ci, a in zip(at.centre, at.start))
+    soft = at.w * at.organ_box
+    pieces, _ = ndimage.label(soft > 0)
+    soft = np.where(pieces == pieces[local_centre], soft, 0.0)
+    inside = soft > 0
+
+    contrast = float(rng.uniform(*cfg.contrast_hu))
+    sigma = np.maximum(_TEXTURE_CORRELATION_MM / sp, 0.5)
+    noise = ndimage.gaussian_filter(rng.standard_normal(soft.shape), sigma, mode="nearest")
+    noise = noise - noise[inside].mean()
+    std = noise[inside].std()
+    texture = noise / std if std > 0 else np.zeros_like(noise)
+
+    old = out[at.box].astype(np.float64)
+    weight = at.organ_box.astype(np.float64)
+    num = ndimage.gaussian_filter(old * weight, sigma, mode="nearest")
+    den = ndimage.gaussian_filter(weight, sigma, mode="nearest")
+    local_mean = np.where(inside, num / np.maximum(den, 1e-6), old)
+    delta = hu_scale * (contrast + cfg.texture_hu * texture) - _TEXTURE_DAMPING * (old - local_mean)
+    new = np.clip(old + soft * delta, *value_range)
+    out[at.box] = np.where(inside, new, old).astype(np.float32)
+    return inside
+
+
+def _lesion_count(cfg: LesionConfig, rng: np.random.Generator, count) -> int:
+    if count is None:
+        return int(rng.integers(cfg.count[0], cfg.count[1] + 1))
+    n_lesions = _integer(count, "count")
+    if n_lesions < 0:
+        raise VlsegError(f"count={count!r}: must be >= 0")
+    return n_lesions
 
 
 def synthesize_lesions(image: np.ndarray, organ: np.ndarray, spacing, rng: np.random.Generator,
@@ -262,16 +335,11 @@ def synthesize_lesions(image: np.ndarray, organ: np.ndarray, spacing, rng: np.ra
     if organ.shape != image.shape:
         raise VlsegError(f"organ mask shape {organ.shape} does not match image shape {image.shape}")
     organ = organ.astype(bool, copy=False)
-    sp = _check_spacing(spacing)
+    sp = np.asarray(positive_triple(spacing, "spacing (mm)", where="synthesize_lesions"), dtype=np.float64)
     hu_scale = _number(hu_scale, "hu_scale")
     if hu_scale <= 0:
         raise VlsegError(f"hu_scale={hu_scale!r}: must be positive (normalised units per HU)")
-    if count is None:
-        n_lesions = int(rng.integers(cfg.count[0], cfg.count[1] + 1))
-    else:
-        n_lesions = _integer(count, "count")
-        if n_lesions < 0:
-            raise VlsegError(f"count={count!r}: must be >= 0")
+    n_lesions = _lesion_count(cfg, rng, count)
     fixed = _check_centre(centre, image.shape) if centre is not None else None
 
     out = np.array(image, dtype=np.float32, copy=True)
@@ -279,70 +347,19 @@ def synthesize_lesions(image: np.ndarray, organ: np.ndarray, spacing, rng: np.ra
     if n_lesions == 0 or out.size == 0:
         return out, lesions
     candidates = np.flatnonzero(organ)
-    organ_mm3 = candidates.size * float(np.prod(sp))
-    if candidates.size == 0 or organ_mm3 < cfg.margin_inside * cfg.smallest_volume_mm3:
+    if candidates.size == 0 or candidates.size * float(np.prod(sp)) < cfg.margin_inside * cfg.smallest_volume_mm3:
         return out, lesions
     if fixed is not None and not organ[fixed]:
         fixed = None
-    lo_value, hi_value = float(out.min()), float(out.max())
+    value_range = (float(out.min()), float(out.max()))
     footprint = np.zeros(image.shape, dtype=bool)  # soft support of the lesions placed so far
-    r_lo, r_hi = cfg.radius_mm
-    reach = 1.0 + cfg.irregularity
-
     for index in range(n_lesions):
-        for attempt in range(_MAX_ATTEMPTS):
-            # Later attempts draw from a shrinking radius range so that a small or thin organ still gets a lesion.
-            radius = float(rng.uniform(r_lo, r_lo + (r_hi - r_lo) * (1.0 - attempt / _MAX_ATTEMPTS)))
-            if index == 0 and fixed is not None:
-                c = fixed
-            else:
-                c = np.unravel_index(int(candidates[rng.integers(candidates.size)]), image.shape)
-            shape = _Shape(rng, cfg, radius)
-            half = np.ceil((radius * reach + 0.5 * cfg.boundary_mm) / sp).astype(int) + 1
-            start = [max(int(ci) - h, 0) for ci, h in zip(c, half)]
-            stop = [min(int(ci) + h + 1, n) for ci, h, n in zip(c, half, image.shape)]
-            box = tuple(slice(a, b) for a, b in zip(start, stop))
-            d = [((np.arange(a, b) - int(ci)) * s).reshape([-1 if j == axis else 1 for j in range(3)])
-                 for axis, (a, b, ci, s) in enumerate(zip(start, stop, c, sp))]
-            sd = shape.signed_distance(*d)
-            w = _soft_profile(sd, cfg.boundary_mm)
-            organ_box = organ[box]
-            raw = w >= 0.5
-            label = raw & organ_box
-            if label.sum() < cfg.margin_inside * raw.sum():
-                continue
-            if (footprint[box] & (w > 0) & organ_box).any():
-                continue
-            if ndimage.label(label)[1] != 1:
-                continue
-            break
-        else:
+        at = _place(rng, cfg, organ, candidates, footprint, sp, fixed if index == 0 else None)
+        if at is None:
             continue  # no room for this lesion
-
-        # Soft profile cut at the organ surface and kept to the piece connected to the lesion's centre.
-        local_centre = tuple(int(ci) - a for ci, a in zip(c, start))
-        soft = w * organ_box
-        pieces, _ = ndimage.label(soft > 0)
-        soft = np.where(pieces == pieces[local_centre], soft, 0.0)
-        inside = soft > 0
-
-        contrast = float(rng.uniform(*cfg.contrast_hu))
-        sigma = np.maximum(_TEXTURE_CORRELATION_MM / sp, 0.5)
-        noise = ndimage.gaussian_filter(rng.standard_normal(soft.shape), sigma, mode="nearest")
-        noise = noise - noise[inside].mean()
-        std = noise[inside].std()
-        texture = noise / std if std > 0 else np.zeros_like(noise)
-
-        old = out[box].astype(np.float64)
-        weight = organ_box.astype(np.float64)
-        num = ndimage.gaussian_filter(old * weight, sigma, mode="nearest")
-        den = ndimage.gaussian_filter(weight, sigma, mode="nearest")
-        local_mean = np.where(inside, num / np.maximum(den, 1e-6), old)
-        delta = hu_scale * (contrast + cfg.texture_hu * texture) - _TEXTURE_DAMPING * (old - local_mean)
-        new = np.clip(old + soft * delta, lo_value, hi_value)
-        out[box] = np.where(inside, new, old).astype(np.float32)
-        lesions[box] |= label
-        footprint[box] |= inside
+        inside = _paint(out, at, sp, cfg, rng, hu_scale, value_range)
+        lesions[at.box] |= at.label
+        footprint[at.box] |= inside
     return out, lesions
 
 

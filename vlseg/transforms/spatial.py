@@ -10,14 +10,22 @@ from vlseg.errors import VlsegError, shape_str
 
 
 def positive_triple(values, what: str, where: str = "resample") -> tuple[float, float, float]:
-    """Three finite positive numbers (a spacing, a shape), or a VlsegError saying ``where: what must be ...``."""
+    """Three finite positive numbers (a spacing, a shape), or a VlsegError saying ``where: what must be ...``
+    (no prefix when ``where`` is empty).  The one check of a spacing: every reader of one calls it."""
     try:
         out = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         out = ()
     if len(out) != 3 or not all(math.isfinite(v) and v > 0 for v in out):
-        raise VlsegError(f"{where}: {what} must be 3 positive numbers, got {values!r}")
+        raise VlsegError(f"{where + ': ' if where else ''}{what} must be 3 positive numbers, got {values!r}")
     return out
+
+
+def resampled_shape(shape, spacing, target_spacing) -> tuple[int, int, int]:
+    """The grid ``resample_to_spacing`` makes: ``round(n * spacing / target)`` voxels per axis, at least 1."""
+    spacing = positive_triple(spacing, "spacing")
+    target = positive_triple(target_spacing, "target_spacing")
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(tuple(shape)[-3:], spacing, target))
 
 
 def _interpolate(data, shape, order: int) -> np.ndarray:
@@ -63,10 +71,8 @@ def resample_to_spacing(data, spacing, target_spacing, order: int = 1) -> np.nda
     ``resample_to_shape(result, original_shape)``.
     """
     data = np.asarray(data)
-    spacing = positive_triple(spacing, "spacing")
-    target = positive_triple(target_spacing, "target_spacing")
+    shape = resampled_shape(data.shape, spacing, target_spacing)
     if data.ndim not in (3, 4):
         raise VlsegError(f"resample: expected a 3D [X, Y, Z] or channels-first 4D [C, X, Y, Z] array, "
                          f"got shape {shape_str(data.shape)}")
-    shape = [max(1, int(round(n * s / t))) for n, s, t in zip(data.shape[-3:], spacing, target)]
     return _interpolate(data, shape, order)
