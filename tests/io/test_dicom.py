@@ -15,11 +15,12 @@ import pytest
 import SimpleITK as sitk
 
 from data_prep.cut_test_data import locale_kept
+from vlseg.cli.prepare import convert_main
 from vlseg.errors import VlsegError
-from vlseg.io.scan import is_dicom_series, load_label, load_scan
+from vlseg.io.itk import is_dicom_series
+from vlseg.io.scan import load_label, load_scan
 from vlseg.io.writers import save_like
 from vlseg.prepare.convert import convert
-from vlseg.cli.prepare import convert_main
 from vlseg.prepare.manifest import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,5 @@
-"""Converters: nnU-Net v2 and MSD folders → manifest, with the hierarchy closed and bad cases reported, not fatal."""
+"""Converters: nnU-Net v2 and MSD folders → manifest, with the hierarchy closed and bad cases reported, not fatal; a
+dataset layout added by registering one entry."""
 
 import hashlib
 import json
@@ -13,15 +14,17 @@ import pytest
 
 from vlseg.errors import VlsegError
 from vlseg.prepare.convert import class_values, convert
+from vlseg.prepare.layouts.base import Listing, choose_layout, dataset_layout
 from vlseg.prepare.manifest import read_manifest
+from vlseg.registry import DATASET_LAYOUTS
 from vlseg.vocab.vocabulary import Vocabulary
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _map(tmp_path, labels, dataset="Local", modality="CT"):
+def _map(tmp_path, labels, dataset="Local", modality="CT", **extra):
     path = tmp_path / f"{dataset}.yaml"
-    path.write_text(json.dumps({"dataset": dataset, "modality": modality, "labels": labels}))
+    path.write_text(json.dumps({"dataset": dataset, "modality": modality, "labels": labels, **extra}))
     return path
 
 
@@ -177,3 +180,45 @@ def test_manifest_carries_boxes_and_the_original_affine(phantom_corpus, tmp_path
     bad.write_text(json.dumps(row) + "\n")
     with pytest.raises(VlsegError, match="bad.jsonl:1: 'boxes' must map annotated classes"):
         read_manifest(bad)
+
+
+def _list_csv(source, spec, manifest):
+    """A layout of the test's own: ``cases.csv`` rows ``case,image,label`` and ``labels.json`` name → value."""
+    rows = [line.split(",") for line in (source / "cases.csv").read_text().splitlines()]
+    labels = {name: [value] for name, value in json.loads((source / "labels.json").read_text()).items()}
+    return Listing(labels, [(case, source / image, source / label) for case, image, label in rows])
+
+
+@pytest.fixture
+def csv_layout():
+    dataset_layout("test-csv", recognises=lambda source: (source / "cases.csv").is_file())(_list_csv)
+    yield
+    DATASET_LAYOUTS.unregister("test-csv")
+
+
+def test_a_registered_layout_is_recognised_or_named(phantom_corpus, tmp_path, csv_layout):
+    src = phantom_corpus.parent / "Dataset001_PhantomLiver"
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for i, image in enumerate(sorted((src / "imagesTr").glob("*.nii.gz"))[:2]):
+        shutil.copy(image, flat / f"img{i}.nii.gz")
+        shutil.copy(src / "labelsTr" / image.name.replace("_0000", ""), flat / f"seg{i}.nii.gz")
+        rows.append(f"c{i},img{i}.nii.gz,seg{i}.nii.gz")
+    (flat / "cases.csv").write_text("\n".join(rows))
+    (flat / "labels.json").write_text(json.dumps({"hepar": 1, "tumour": 2}))
+    assert choose_layout(flat).name == "test-csv" and choose_layout(src).name == "nnunet"
+    cases, errors = convert(flat, _map(tmp_path, {"hepar": "liver", "tumour": "liver tumor"}, "Flat"),
+                            tmp_path / "m.jsonl", val_fraction=0, progress=False)
+    assert not errors and [c.case_id for c in cases] == ["Flat_c0", "Flat_c1"]
+    assert read_manifest(tmp_path / "m.jsonl")[1].classes == {"liver": [1, 2], "liver tumor": [2]}
+
+    shutil.copy(src / "dataset.json", flat / "dataset.json")  # now nnU-Net's recogniser answers too
+    with pytest.raises(VlsegError, match=r"flat: recognised by several dataset layouts \(nnunet, test-csv\); name one"):
+        convert(flat, _map(tmp_path, {"hepar": "liver"}, "Flat"), tmp_path / "m.jsonl", progress=False)
+    named = _map(tmp_path, {"hepar": "liver"}, "Flat", layout="test-csv")
+    assert len(convert(flat, named, tmp_path / "m.jsonl", progress=False)[0]) == 2
+    with pytest.raises(VlsegError) as err:
+        convert(flat, _map(tmp_path, {"hepar": "liver"}, "Flat", layout="nope"), tmp_path / "m.jsonl")
+    assert str(err.value) == (f"{tmp_path / 'Flat.yaml'}: unknown dataset layout 'nope'; available: mask_folders, "
+                              f"msd, nnunet, test-csv")

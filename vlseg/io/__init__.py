@@ -1,1 +1,1 @@
-"""Reading scans and writing masks in the scan's own geometry."""
+"""Scans in (a registered table of formats: ``readers``) and masks out, in the scan's own geometry."""

@@ -2,8 +2,9 @@
 
 SimpleITK does the reading (GDCM groups and sorts DICOM slices; ITK applies rescale slope/intercept); what it only
 warns about or silently gets wrong for DICOM — missing or duplicate slices, uneven spacing, gantry tilt, several
-series in one folder — is checked here and becomes one ``VlsegError`` line.  ``vlseg.io.load_scan`` calls in here
-and takes the result to the RAS-canonical grid like any NIfTI file.
+series in one folder — is checked here and becomes one ``VlsegError`` line.  Both register as scan formats
+(``vlseg.io.readers``): ITK files by suffix, and every folder is taken for a DICOM series (``read_dicom`` says what is
+wrong with one that is not); ``load_scan`` takes the result to the RAS-canonical grid like any NIfTI file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from vlseg.errors import VlsegError, first_line, shape_str
+from vlseg.io.readers import scan_reader
 
 __all__ = ["ITK_SUFFIXES", "is_dicom_series", "read_dicom", "read_itk"]
 
@@ -22,6 +24,7 @@ __all__ = ["ITK_SUFFIXES", "is_dicom_series", "read_dicom", "read_itk"]
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+@scan_reader("itk", suffixes=ITK_SUFFIXES)
 def read_itk(path: Path) -> nib.Nifti1Image:
     """An NRRD/MetaImage file → nibabel image with a RAS affine (ITK's direction/origin are LPS)."""
     if not path.exists():
@@ -125,6 +128,7 @@ def _check_slice_geometry(folder: Path, files, positions: np.ndarray, orientatio
         raise VlsegError(f"{folder}: the DICOM reader's grid misses the slice positions by up to {off:.3g} mm")
 
 
+@scan_reader("dicom", folder=True, fallback=True)
 def read_dicom(folder: Path) -> nib.Nifti1Image:
     """A folder holding one DICOM series (any file names) → nibabel image with a RAS affine.
 

@@ -1,4 +1,9 @@
-"""The NIfTI reader: files read eagerly and checked before nibabel sees them."""
+"""The NIfTI reader: files read eagerly and checked before nibabel sees them.
+
+Files are read in full (gzip streams are decompressed to the end, so their CRC is checked): nibabel reads lazily and
+only as many bytes as the header asks for, which lets a damaged stream pass unnoticed or fail much later.  NIfTI is
+also the fallback for files no other format claims: its messages say what such a file is not.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from vlseg.errors import VlsegError, first_line, shape_str
+from vlseg.io.readers import scan_reader, spatial_shape
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -18,7 +24,14 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _HEADER_SIZES = {348: nib.Nifti1Image, 540: nib.Nifti2Image}  # sizeof_hdr → single-file image class
 
 
-_MIN_VOXEL_MM = 1e-6
+@scan_reader("nifti", suffixes=(".nii", ".nii.gz"), fallback=True, keeps_header=True)
+def read_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """A single-file NIfTI-1/2 image, read whole and checked: header, 3D shape, enough bytes for its voxels."""
+    raw = _read_bytes(path)
+    img = _parse(raw, str(path))
+    spatial_shape(img, str(path))  # before the size check, which would otherwise speak for a 2D file first
+    _check_size(img, len(raw), str(path))
+    return img
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -81,16 +94,3 @@ def _check_size(img, raw_len: int, name: str) -> None:
         raise VlsegError(f"{name}: truncated file (a {shape_str(img.shape)} {dtype} volume needs {need} bytes, "
                          f"found {raw_len})")
 
-
-def _read_voxels(img, name: str) -> np.ndarray:
-    try:
-        # get_fdata applies scl_slope / scl_inter; nibabel reads lazily, so this is where bad data surfaces.
-        return np.asarray(img.get_fdata(dtype=np.float32))
-    except VlsegError:
-        raise
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise VlsegError(f"{name}: truncated or corrupt gzip stream ({first_line(exc)})") from None
-    except MemoryError:
-        raise VlsegError(f"{name}: image too large to load (shape {shape_str(img.shape)})") from None
-    except Exception as exc:
-        raise VlsegError(f"{name}: unreadable voxel data ({first_line(exc)})") from None

@@ -2,17 +2,17 @@
 
 The model works on RAS-canonical arrays (axis 0 runs from the patient's left towards the Right, 1 towards Anterior,
 2 towards Superior, i.e. the world coordinate grows along each axis in the R, A, S directions).  ``load_scan`` brings
-a NIfTI file, an NRRD/MetaImage file or a folder holding one DICOM series into that layout and remembers how;
-``Scan.to_original`` and ``save_like`` undo it exactly, so every output (always NIfTI) lies voxel for voxel on the
-input's grid.  Bad input of any kind becomes one ``VlsegError`` line naming the file and the problem.
-
-Files are read eagerly and in full (gzip streams are decompressed to the end, so their CRC is checked): nibabel reads
-lazily and only as many bytes as the header asks for, which lets a damaged stream pass unnoticed or fail much later.
+any input the table of scan formats reads (``vlseg.io.readers``: a NIfTI file, an NRRD/MetaImage file, a folder
+holding one DICOM series) into that layout and remembers how; ``Scan.to_original`` and ``save_like`` undo it exactly,
+so every output (always NIfTI) lies voxel for voxel on the input's grid.  Bad input of any kind becomes one
+``VlsegError`` line naming the file and the problem.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +21,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 
 from vlseg.errors import VlsegError, first_line, shape_str
-from vlseg.io.itk import ITK_SUFFIXES, is_dicom_series, read_dicom, read_itk
-from vlseg.io.nifti import _MIN_VOXEL_MM, _check_size, _parse, _read_bytes, _read_voxels
+from vlseg.io.readers import find_reader, spatial_shape
 
 RAS = axcodes2ornt(("R", "A", "S"))
 MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}  # accepted spelling (upper-cased) → canonical name
@@ -81,15 +80,7 @@ class Scan:
 
 # ---------------------------------------------------------------------------------------------------------- reading
 
-
-def _spatial_shape(img, name: str) -> tuple[int, int, int]:
-    """The 3D shape of the image; 4D+ is accepted only when every extra dimension is 1 (squeezed)."""
-    shape = tuple(int(n) for n in img.shape)
-    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
-        raise VlsegError(f"{name}: not a 3D image (shape {shape_str(shape)})")
-    if any(n < 1 for n in shape[:3]):
-        raise VlsegError(f"{name}: empty image (shape {shape_str(shape)})")
-    return shape[:3]
+_MIN_VOXEL_MM = 1e-6
 
 
 def _check_affine(affine: np.ndarray, name: str) -> np.ndarray:
@@ -105,50 +96,48 @@ def _check_affine(affine: np.ndarray, name: str) -> np.ndarray:
     return affine
 
 
+def _read_voxels(img, name: str) -> np.ndarray:
+    try:
+        # get_fdata applies scl_slope / scl_inter; nibabel reads lazily, so this is where bad data surfaces.
+        return np.asarray(img.get_fdata(dtype=np.float32))
+    except VlsegError:
+        raise
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise VlsegError(f"{name}: truncated or corrupt gzip stream ({first_line(exc)})") from None
+    except MemoryError:
+        raise VlsegError(f"{name}: image too large to load (shape {shape_str(img.shape)})") from None
+    except Exception as exc:
+        raise VlsegError(f"{name}: unreadable voxel data ({first_line(exc)})") from None
+
+
 def load_scan(source) -> Scan:
-    """A ``.nii``/``.nii.gz`` (or NRRD/MetaImage) path, a folder holding one DICOM series, a nibabel image or a
-    ``Scan`` → validated RAS-canonical ``Scan``.  Outputs for NRRD or DICOM input are NIfTI files on the same world
-    grid.
+    """A path the table of scan formats reads (``.nii``/``.nii.gz``, NRRD/MetaImage, a folder holding one DICOM
+    series: ``vlseg.io.readers``), a nibabel image or a ``Scan`` → validated RAS-canonical ``Scan``.  Outputs for
+    other formats than NIfTI are NIfTI files on the same world grid.
 
     A ``Scan`` is returned as is.  A nibabel image gets ``path=None`` (messages use its file name when it has one).
     """
     if isinstance(source, Scan):
         return source
-    # Only a NIfTI header of the user's is kept for outputs; the one built here for NRRD/DICOM data says nothing the
-    # affine does not, and without it ``save_like`` writes both a qform and an sform.
-    own_header = True
     if isinstance(source, nib.spatialimages.SpatialImage):
-        img, path = source, None
-        name = source.get_filename() or "<in-memory image>"
-        try:
-            shape3 = _spatial_shape(img, name)
-        except (AttributeError, TypeError) as exc:
-            raise VlsegError(f"{name}: unusable image ({first_line(exc)})") from None
-    elif isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_dir():
-        path = Path(source).expanduser()
-        name = str(path)
-        img = read_dicom(path)  # every folder is taken for a DICOM series; read_dicom says what is wrong with it
-        shape3 = _spatial_shape(img, name)
-        own_header = False
-    elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in ITK_SUFFIXES:
-        path = Path(source).expanduser()
-        name = str(path)
-        img = read_itk(path)
-        shape3 = _spatial_shape(img, name)
-        own_header = False
-    elif isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        name = str(path)
-        raw = _read_bytes(path)
-        img = _parse(raw, name)
-        shape3 = _spatial_shape(img, name)
-        _check_size(img, len(raw), name)
-        del raw
-    else:
+        return _to_canonical(source, None, source.get_filename() or "<in-memory image>", keeps_header=True)
+    if not isinstance(source, (str, os.PathLike)):
         raise VlsegError(f"load_scan: expected a .nii/.nii.gz path, a DICOM series folder, a nibabel image or a "
                          f"Scan, got {type(source).__name__}")
+    path = Path(source).expanduser()
+    reader = find_reader(path)
+    return _to_canonical(reader.read(path), path, str(path), reader.keeps_header)
 
-    affine = _check_affine(img.affine, name)
+
+def _to_canonical(img, path: Path | None, name: str, keeps_header: bool) -> Scan:
+    """What every scan must pass, whatever its format (3D, a usable affine, finite voxels), and the step to the
+    RAS-canonical grid.  Only a NIfTI header of the user's is kept for outputs (``keeps_header``): one built by a
+    reader says nothing the affine does not, and without it ``save_like`` writes both a qform and an sform."""
+    try:
+        shape3 = spatial_shape(img, name)
+        affine = _check_affine(img.affine, name)
+    except (AttributeError, TypeError) as exc:
+        raise VlsegError(f"{name}: unusable image ({first_line(exc)})") from None
     data = _read_voxels(img, name).reshape(shape3)
     bad = int(data.size - np.count_nonzero(np.isfinite(data)))
     if bad:
@@ -159,7 +148,7 @@ def load_scan(source) -> Scan:
     canonical = np.ascontiguousarray(apply_orientation(data, to_canonical), dtype=np.float32)
     canonical_affine = affine @ inv_ornt_aff(to_canonical, shape3)
     spacing = tuple(float(z) for z in np.linalg.norm(canonical_affine[:3, :3], axis=0))
-    header = img.header if own_header and isinstance(img.header, nib.Nifti1Header) else None
+    header = img.header if keeps_header and isinstance(img.header, nib.Nifti1Header) else None
     return Scan(canonical, canonical_affine, spacing, path, shape3, affine, header, original_ornt)
 
 
@@ -186,13 +175,7 @@ def load_label(path, like: Scan | None = None) -> np.ndarray:
     return rounded.astype(np.int32)
 
 
-# ---------------------------------------------------------------------------------------------------------- writing
-
-
-# ------------------------------------------------------------------------------------------------------- resampling
-
-
-# ---------------------------------------------------------------------------------------------------- normalising
+# --------------------------------------------------------------------------------------------------------- modality
 
 
 def canonical_modality(name, where: str = "") -> str:

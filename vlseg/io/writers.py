@@ -25,20 +25,8 @@ def _output_header(scan: Scan) -> nib.Nifti1Header | None:
     return hdr
 
 
-def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
-    """Write a canonical-grid 3D array as NIfTI in the scan's original shape, orientation and affine.
-
-    The file is written under a temporary name in the same folder and moved into place with ``os.replace``, so
-    readers never see a half-written file.  ``path`` must end in ``.nii`` or ``.nii.gz``.
-    """
-    path = Path(path).expanduser()
-    lower = path.name.lower()
-    if lower.endswith(".nii.gz"):
-        suffix = ".nii.gz"
-    elif lower.endswith(".nii"):
-        suffix = ".nii"
-    else:
-        raise VlsegError(f"{path}: output name must end in .nii or .nii.gz")
+def _checked(arr, scan: Scan, path: Path, dtype) -> tuple[np.ndarray, np.dtype]:
+    """The array (3D, on the scan's canonical grid) and the data type, which must hold its values."""
     arr = np.asarray(arr)
     if arr.ndim != 3:
         raise VlsegError(f"{path}: can only write a 3D array, got shape {shape_str(arr.shape)}")
@@ -56,6 +44,24 @@ def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
         lo, hi = arr.min(), arr.max()
         if lo < info.min or hi > info.max:
             raise VlsegError(f"{path}: values {lo}..{hi} do not fit in {dtype}")
+    return arr, dtype
+
+
+def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
+    """Write a canonical-grid 3D array as NIfTI in the scan's original shape, orientation and affine.
+
+    The file is written under a temporary name in the same folder and moved into place with ``os.replace``, so
+    readers never see a half-written file.  ``path`` must end in ``.nii`` or ``.nii.gz``.
+    """
+    path = Path(path).expanduser()
+    lower = path.name.lower()
+    if lower.endswith(".nii.gz"):
+        suffix = ".nii.gz"
+    elif lower.endswith(".nii"):
+        suffix = ".nii"
+    else:
+        raise VlsegError(f"{path}: output name must end in .nii or .nii.gz")
+    arr, dtype = _checked(arr, scan, path, dtype)
     data = scan.to_original(arr).astype(dtype if dtype != np.bool_ else np.uint8, copy=False)
 
     header = _output_header(scan)

@@ -3,33 +3,16 @@
     vlseg prepare convert --source nnUNet_raw/Dataset003_Liver --map data_prep/maps/msd_liver.yaml \\
         --manifest corpus/manifest.jsonl [--val-fraction 0.1]
 
-Layouts: nnU-Net v2 raw (``dataset.json`` with ``channel_names``/``labels`` name→value, ``imagesTr``/``labelsTr``),
-Medical Segmentation Decathlon task folders (``dataset.json`` with ``labels`` value→name and a ``training`` list), and
-TotalSegmentator-style folders of per-class masks (``<case>/<image>`` + ``<case>/segmentations/<name>.nii.gz``; the
-map's ``image`` key names the image file, default ``ct.nii.gz``), whose masks are merged into one label map per case
-written beside the manifest (``labels/<dataset>/<case>.nii.gz``, in the image's geometry).
-The map YAML names the dataset and modality and sends local label names (or values) to canonical classes::
+Layouts are a registered table (``vlseg.prepare.layouts``): nnU-Net v2 raw (``nnunet``), Medical Segmentation
+Decathlon task folders (``msd``) and TotalSegmentator-style folders of per-class masks (``mask_folders``), each
+described in its module.  The one layout that recognises ``--source`` is used, unless the map names one
+(``layout: nnunet``).  The map YAML names the dataset and modality and sends local label names (or values) to
+canonical classes::
 
     dataset: MSDLiver
     modality: CT
     labels: {liver: liver, cancer: liver tumor}
 
-In the nnU-Net layout an image may also be a DICOM series: a folder ``imagesTr/<case>_0000/`` holding the slice files
-of one series (any names: ``CT.1.3.12...``, ``IM0001``, ``*.dcm``), next to ``labelsTr/<case><file_ending>``; series
-folders and image files may be mixed in one dataset::
-
-    Dataset010_Abdomen/
-        dataset.json          {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
-                               "file_ending": ".nii.gz"}
-        imagesTr/case01_0000/ CT.1.3.12.2.1107.5.1.4.60064.3000..., CT.1.3.12.2.1107.5.1.4.60064.3000..., ...
-        imagesTr/case02_0000.nii.gz
-        labelsTr/case01.nii.gz   on the series' grid (any axis order: the world geometry must match)
-        labelsTr/case02.nii.gz
-
-The series is checked like any image (one series in the folder, evenly spaced slices along the slice normal, at least
-two slices).  ``file_ending: ".nrrd"`` takes NRRD images and labels (``imagesTr/<case>_0000.nrrd``,
-``labelsTr/<case>.nrrd``); a 3D Slicer label map named ``labelsTr/<case>.seg.nrrd`` (scalar, one layer) also belongs
-to ``<case>``.
 A map may start from another with ``labels_from: other.yaml`` (relative to it) and add or change labels; ``--dataset``
 and ``--split`` let one map serve several datasets (``--split test`` holds a whole dataset out).
 
@@ -55,59 +38,12 @@ from tqdm.auto import tqdm
 
 from vlseg.atomic import atomic_path
 from vlseg.config import load_yaml
-from vlseg.errors import VlsegError
+from vlseg.errors import VlsegError, split_error
 from vlseg.io.scan import canonical_modality, load_label, load_scan
-from vlseg.prepare.manifest import SPLITS, Case, bounding_boxes, read_manifest, write_manifest
+from vlseg.prepare.layouts.base import Listing, choose_layout
+from vlseg.prepare.manifest import SPLITS, Case, read_manifest, write_manifest
+from vlseg.transforms.boxes import class_boxes
 from vlseg.vocab.vocabulary import Vocabulary
-
-
-def read_layout(source: Path) -> tuple[dict[str, list[int]], list[tuple[str, Path, Path]]]:
-    """→ (local label name → values, [(case id, image, label)]) for an nnU-Net v2 or MSD folder."""
-    meta_path = source / "dataset.json"
-    if not meta_path.is_file():
-        raise VlsegError(f"{meta_path}: not found (expected an nnU-Net v2 or MSD dataset folder)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        raw_labels = meta["labels"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise VlsegError(f"{meta_path}: unreadable dataset description ({exc})") from None
-    if "training" in meta:  # MSD: labels value → name, explicit file list
-        labels = {str(name): [int(value)] for value, name in raw_labels.items()}
-        cases = []
-        for item in meta["training"]:
-            image, label = source / item["image"], source / item["label"]
-            cases.append((Path(item["label"]).name.split(".")[0], image, label))
-        return labels, cases
-    ending = meta.get("file_ending", ".nii.gz")  # nnU-Net v2: name → value or region (list of values)
-    if not isinstance(ending, str) or not ending.startswith(".") or len(ending) < 2:
-        raise VlsegError(f"{meta_path}: file_ending must be a suffix such as '.nii.gz' or '.nrrd', got {ending!r}")
-    labels = {str(n): [int(v)] if isinstance(v, int) else [int(x) for x in v] for n, v in raw_labels.items()}
-    label_files = sorted(p for p in (source / "labelsTr").glob(f"*{ending}") if len(p.name) > len(ending))
-    if not label_files:
-        raise VlsegError(f"{source / 'labelsTr'}: no label files ending in {ending!r} (the file_ending of "
-                         f"{meta_path.name})")
-    ids = {p.name[: -len(ending)] for p in label_files}
-    cases = []
-    for label in label_files:
-        case_id = label.name[: -len(ending)]  # the case id is the label's name minus file_ending...
-        image = nnunet_image(source / "imagesTr", case_id, ending)
-        # ...but 3D Slicer names a segmentation <case>.seg.nrrd: with file_ending ".nrrd" that leaves "<case>.seg",
-        # which names no image; then the case is <case>, unless a label of that name exists as well.
-        stem = case_id[: -len(".seg")]
-        if case_id.endswith(".seg") and stem and stem not in ids and not image.exists() and \
-                nnunet_image(source / "imagesTr", stem, ending).exists():
-            case_id, image = stem, nnunet_image(source / "imagesTr", stem, ending)
-        cases.append((case_id, image, label))
-    return labels, cases
-
-
-def nnunet_image(images: Path, case_id: str, ending: str) -> Path:
-    """A case's (first channel) image in an nnU-Net ``imagesTr`` folder: the file ``<case>_0000<ending>``, or, when
-    there is no such file, the DICOM series folder ``<case>_0000/``.  (The file's path when neither exists, so the
-    error names what was expected.)"""
-    image = images / f"{case_id}_0000{ending}"
-    series = images / f"{case_id}_0000"
-    return series if series.is_dir() and not image.exists() else image
 
 
 def class_values(local: dict[str, list[int]], mapping: dict, vocabulary: Vocabulary, source: str) -> dict:
@@ -148,49 +84,10 @@ def check_case(case_id, image, label, classes, declared: set[int], dataset, moda
     undeclared = sorted(found - declared - {0})
     if undeclared:
         raise VlsegError(f"{label}: label values {undeclared} are not declared in the dataset description")
-    boxes = bounding_boxes(lab, classes)
+    boxes = class_boxes(lab, classes)
     present = {name: name in boxes for name in classes}
     return Case(case_id, dataset, modality, Path(image).resolve(), Path(label).resolve(), classes, present,
                 tuple(scan.original_shape), tuple(scan.spacing), "train", boxes, scan.original_affine.tolist())
-
-
-def merge_masks(case_dir: Path, image_name: str, mask_classes: dict[str, str], vocabulary: Vocabulary,
-                out_path: Path):
-    """Per-class binary masks → one label map (value i+1 for the i-th mapped mask), written like the image;
-    returns ``(scan, label)`` so the case is not read again.
-
-    A mask included in another (a tumour in its organ) is painted after it and wins; any other overlap is an error,
-    since one label map cannot hold it."""
-    from vlseg.io.writers import save_like
-
-    scan = load_scan(case_dir / image_name)
-    label = np.zeros(scan.data.shape, np.uint8)
-    stems = list(mask_classes)
-    depth = {s: len(vocabulary.parents(mask_classes[s])) for s in stems}  # parents first, then what they include
-    for i in sorted(range(len(stems)), key=lambda k: depth[stems[k]]):
-        path = case_dir / "segmentations" / f"{stems[i]}.nii.gz"
-        mask = load_label(path, like=scan)
-        if not set(np.unique(mask).tolist()) <= {0, 1}:
-            raise VlsegError(f"{path}: not a binary mask (values {sorted(set(np.unique(mask).tolist()))[:5]})")
-        mask = mask.astype(bool)
-        for value in set(np.unique(label[mask]).tolist()) - {0}:
-            other = stems[value - 1]
-            if mask_classes[stems[i]] not in vocabulary.includes[mask_classes[other]]:
-                raise VlsegError(f"{path}: overlaps {other}.nii.gz, which does not contain it")
-        label[mask] = i + 1
-    save_like(label, scan, out_path)
-    return scan, label
-
-
-def read_mask_folders(source: Path, spec: dict, manifest: Path):
-    image_name = str(spec.get("image", "ct.nii.gz"))
-    stems = [str(k) for k in spec["labels"]]
-    local = {stem: [i + 1] for i, stem in enumerate(stems)}
-    items = [(d.name, d / image_name, manifest.parent / "labels" / str(spec["dataset"]) / f"{d.name}.nii.gz")
-             for d in sorted(source.iterdir()) if (d / "segmentations").is_dir()]
-    if not items:
-        raise VlsegError(f"{source}: no case folders with a segmentations/ folder inside")
-    return local, items, image_name
 
 
 def load_map(path: Path, seen: tuple = ()) -> dict:
@@ -206,12 +103,8 @@ def load_map(path: Path, seen: tuple = ()) -> dict:
     return spec
 
 
-def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
-            dataset: str | None = None, split: str | None = None):
-    """Returns (cases written, [per-case error lines]).  ``dataset`` overrides the map's dataset name (one map can
-    serve several datasets labelled the same way); ``split`` puts every case in that split (e.g. ``test`` for a
-    held-out dataset) instead of drawing a validation fraction."""
-    source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
+def read_spec(mapping_path: Path, dataset: str | None, split: str | None) -> dict:
+    """The map, with ``dataset`` overriding its dataset name, checked for the keys every conversion needs."""
     spec = load_map(mapping_path)
     if dataset:
         spec["dataset"] = dataset
@@ -220,43 +113,70 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     for key in ("dataset", "modality", "labels"):
         if key not in spec:
             raise VlsegError(f"{mapping_path}: missing {key!r}")
-    modality = canonical_modality(spec["modality"], where=str(mapping_path))
-    vocabulary = Vocabulary.load(spec.get("vocabulary", "default"))
-    mask_folders = not (source / "dataset.json").is_file() and source.is_dir()
-    if mask_folders:
-        local, items, image_name = read_mask_folders(source, spec, manifest)
-    else:
-        local, items = read_layout(source)
-    classes = class_values(local, spec["labels"], vocabulary, str(mapping_path))
-    declared = {v for values in local.values() for v in values}
-    mask_classes = {str(k): str(v) for k, v in spec["labels"].items()}
-    cases, errors = [], []
-    report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [], "errors": []}
-    for case_id, image, label in tqdm(items, desc=f"converting {spec['dataset']}", disable=not progress):
+    return spec
+
+
+def list_source(source: Path, spec: dict, mapping_path: Path, manifest: Path) -> Listing:
+    """The source's cases and labels, read by the layout the map names (``layout:``) or else the one that
+    recognises it."""
+    try:
+        layout = choose_layout(source, spec.get("layout"))
+    except VlsegError as exc:
+        if spec.get("layout") is None:
+            raise
+        raise VlsegError(f"{mapping_path}: {exc}") from None
+    return layout.list_cases(source, spec, manifest)
+
+
+def check_cases(listing: Listing, spec: dict, classes: dict, modality: str, vocabulary: Vocabulary,
+                progress: bool) -> tuple[list[Case], list[str], list[dict]]:
+    """Check (and, where the layout builds labels, build) every case → (cases, error lines, report entries)."""
+    declared = {v for values in listing.labels.values() for v in values}
+    cases, errors, report = [], [], []
+    for case_id, image, label in tqdm(listing.cases, desc=f"converting {spec['dataset']}", disable=not progress):
         case_id = f"{spec['dataset']}_{case_id}"
         try:
-            loaded = merge_masks(Path(image).parent, image_name, mask_classes, vocabulary, Path(label)) \
-                if mask_folders else None
+            loaded = listing.load(Path(image), Path(label), vocabulary) if listing.load else None
             cases.append(check_case(case_id, image, label, classes, declared, str(spec["dataset"]), modality,
                                     loaded))
         except VlsegError as exc:
             errors.append(str(exc))
             # Errors read "<file>: <problem>"; the file may be the image, the label or one slice of a series.
-            file, sep, problem = str(exc).partition(": ")
-            report["errors"].append({"case": case_id, "file": file if sep else str(image),
-                                     "problem": problem if sep else str(exc)})
+            file, problem = split_error(exc, image)
+            report.append({"case": case_id, "file": file, "problem": problem})
+    return cases, errors, report
+
+
+def assign_splits(cases: list[Case], split: str | None, val_fraction: float, seed: int) -> None:
+    """Every case into ``split``; without one, a seeded ``val_fraction`` of them into val (the rest stay train)."""
     if split is not None:
         for case in cases:
             case.split = split
-    else:
-        rng = np.random.default_rng(seed)
-        n_val = int(round(val_fraction * len(cases))) if len(cases) > 1 else 0
-        for i in rng.permutation(len(cases))[:n_val]:
-            cases[i].split = "val"
+        return
+    rng = np.random.default_rng(seed)
+    n_val = int(round(val_fraction * len(cases))) if len(cases) > 1 else 0
+    for i in rng.permutation(len(cases))[:n_val]:
+        cases[i].split = "val"
+
+
+def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
+            dataset: str | None = None, split: str | None = None):
+    """Returns (cases written, [per-case error lines]).  ``dataset`` overrides the map's dataset name (one map can
+    serve several datasets labelled the same way); ``split`` puts every case in that split (e.g. ``test`` for a
+    held-out dataset) instead of drawing a validation fraction."""
+    source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
+    spec = read_spec(mapping_path, dataset, split)
+    modality = canonical_modality(spec["modality"], where=str(mapping_path))
+    vocabulary = Vocabulary.load(spec.get("vocabulary", "default"))
+    listing = list_source(source, spec, mapping_path, manifest)
+    classes = class_values(listing.labels, spec["labels"], vocabulary, str(mapping_path))
+    cases, errors, failed = check_cases(listing, spec, classes, modality, vocabulary, progress)
+    assign_splits(cases, split, val_fraction, seed)
     kept = [c for c in read_manifest(manifest) if c.dataset != spec["dataset"]] if manifest.is_file() else []
     if cases:
         write_manifest(manifest, kept + cases)
-    report["converted"] = [c.case_id for c in cases]
+    report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [c.case_id for c in cases],
+              "errors": failed}
     manifest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(manifest.parent / f"convert_report_{spec['dataset']}.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))

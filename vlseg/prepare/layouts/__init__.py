@@ -1,0 +1,1 @@
+"""Dataset layouts ``vlseg prepare convert`` reads: one registered entry per layout (``base.dataset_layout``)."""
