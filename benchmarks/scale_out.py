@@ -164,7 +164,7 @@ def worker_zero2(args) -> int:
     net.train()
     out = net(image, prompts, query_mask)
     # Any scalar of both heads gives every trainable parameter a gradient, which is all one real step needs.
-    loss = out["mask_logits"].float().mean() + out["presence_logits"].float().mean()
+    loss = out.mask_logits.float().mean() + out.presence_logits.float().mean()
     accelerator.backward(loss)  # under DeepSpeed this runs the engine's backward and its optimiser step
     optimizer.step()  # accelerate's DeepSpeed wrapper makes these two no-ops; kept as train.py calls them
     optimizer.zero_grad(set_to_none=True)
@@ -243,9 +243,9 @@ def figure_zero2(args, tmp: Path) -> dict:
 # figure 2: training throughput, 2 processes vs 1 (the real training command)
 
 def figure_throughput(args, tmp: Path) -> dict:
-    from vlseg.config import load_config
+    from vlseg.config import DataSection, load_config
     from vlseg.prepare.phantoms import generate_corpus
-    from vlseg.train.loop import load_training_cases
+    from vlseg.train.corpus import load_training_cases
 
     manifest = generate_corpus(tmp / "phantoms", n_train=4, n_test=1, shape=(64, 64, 48), spacing=(3.0, 3.0, 3.0),
                                seed=0, progress=False)
@@ -255,7 +255,7 @@ def figure_throughput(args, tmp: Path) -> dict:
               "train.warmup_steps=1"]
     # Preprocess once here, so neither timed command pays for filling the cache (the second would otherwise find it
     # filled by the first).
-    load_training_cases(load_config(str(PHANTOM_CONFIG), common), "train", progress=False)
+    load_training_cases(DataSection.from_config(load_config(str(PHANTOM_CONFIG), common)), "train", progress=False)
     train = [str(REPO / "train.py"), "--no-progress", "--config", str(PHANTOM_CONFIG)]
     variants = {
         "1": [sys.executable, *train, *common, "run_name=p1", "train.threads=2"],
@@ -380,7 +380,7 @@ def worker_actckpt(args) -> int:
     def step():
         net.zero_grad(set_to_none=True)
         out = net(*inputs)
-        (out["mask_logits"].float().mean() + out["presence_logits"].float().mean()).backward()
+        (out.mask_logits.float().mean() + out.presence_logits.float().mean()).backward()
 
     rss_start = psutil.Process().memory_info().rss
     maxrss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -37,8 +37,8 @@ def tiny_net():
 
 def _run(net, emb, image, chunk):
     def decode(features, a, b):
-        out = net.decode(features, emb[:, a:b].expand(features.voxel_embedding.shape[0], -1, -1))
-        return torch.sigmoid(out["mask_logits"]), torch.sigmoid(out["presence_logits"])
+        out = net.decode(features, emb[:, a:b].expand(features.batch_size, -1, -1))
+        return torch.sigmoid(out.mask_logits), torch.sigmoid(out.presence_logits)
 
     with torch.no_grad():
         return stitch(image, (32, 32, 16), 0.5, emb.shape[1], net.encode_image, decode, batch_size=2,
@@ -49,7 +49,7 @@ def _monai(net, emb, image):
     """The same windows through MONAI's sliding_window_inference (edge-replicating its padding, as vlseg does)."""
     with torch.no_grad():
         return sliding_window_inference(image, (32, 32, 16), 2, lambda w: torch.sigmoid(net(w, emb.expand(
-            w.shape[0], -1, -1))["mask_logits"]), overlap=0.5, mode="gaussian", padding_mode="replicate")[0]
+            w.shape[0], -1, -1)).mask_logits), overlap=0.5, mode="gaussian", padding_mode="replicate")[0]
 
 
 # (50, 45, 30): several windows per axis; (40, 20, 10): short axes, padded on both sides as MONAI does, so a thin scan

@@ -13,7 +13,7 @@ from vlseg.vocab.vocabulary import Vocabulary
 def test_unet_multiscale_features_and_voxel_embedding():
     net = UNet3D(widths=(4, 8, 16, 32), strides=(1, 2, 2, 2), embed_dim=6, convs_per_stage=3)
     feats = net(torch.randn(2, 1, 32, 32, 16))
-    assert [tuple(f.shape) for f in feats.multiscale] == [(2, 4, 32, 32, 16), (2, 8, 16, 16, 8), (2, 16, 8, 8, 4),
+    assert [tuple(f.shape) for f in feats.decoder] == [(2, 4, 32, 32, 16), (2, 8, 16, 16, 8), (2, 16, 8, 8, 4),
                                                          (2, 32, 4, 4, 2)]
     assert feats.voxel_embedding.shape == (2, 6, 32, 32, 16)
     assert net.feature_channels == [4, 8, 16, 32] and net.total_stride == (8, 8, 8)
@@ -25,7 +25,7 @@ def test_unet_multiscale_features_and_voxel_embedding():
 def test_unet_anisotropic_strides():
     net = UNet3D(widths=(4, 8, 16), strides=(1, 2, (2, 2, 1)), embed_dim=4)
     feats = net(torch.randn(1, 1, 16, 16, 8))
-    assert feats.multiscale[-1].shape[2:] == (4, 4, 4)
+    assert feats.decoder[-1].shape[2:] == (4, 4, 4)
     assert feats.voxel_embedding.shape[2:] == (16, 16, 8)
 
 
@@ -57,14 +57,14 @@ def test_padded_queries_do_not_change_real_ones(self_attention):
     prompts = torch.randn(2, 3, 12)
     mask = torch.tensor([[True, True, False], [True, False, False]])
     out = dec(feats, prompts, mask)
-    assert out["mask_logits"].shape == (2, 3, 16, 16, 8) and out["presence_logits"].shape == (2, 3)
+    assert out.mask_logits.shape == (2, 3, 16, 16, 8) and out.presence_logits.shape == (2, 3)
     garbage = prompts.clone()
     garbage[0, 2] = 100.0
     garbage[1, 1:] = -100.0
     out2 = dec(feats, garbage, mask)
-    assert torch.allclose(out["mask_logits"][0, :2], out2["mask_logits"][0, :2], atol=1e-5)
-    assert torch.allclose(out["presence_logits"][1, 0], out2["presence_logits"][1, 0], atol=1e-5)
-    assert torch.isfinite(dec(feats, prompts, torch.zeros(2, 3, dtype=torch.bool))["mask_logits"]).all()
+    assert torch.allclose(out.mask_logits[0, :2], out2.mask_logits[0, :2], atol=1e-5)
+    assert torch.allclose(out.presence_logits[1, 0], out2.presence_logits[1, 0], atol=1e-5)
+    assert torch.isfinite(dec(feats, prompts, torch.zeros(2, 3, dtype=torch.bool)).mask_logits).all()
 
 
 def test_self_attention_lets_queries_see_each_other():
@@ -73,8 +73,8 @@ def test_self_attention_lets_queries_see_each_other():
     other[0, 1] = torch.randn(12)
     for self_attention, should_change in [(True, True), (False, False)]:
         dec = _decoder(self_attention)
-        a = dec(feats, prompts[:, :2])["mask_logits"][0, 0]
-        b = dec(feats, other)["mask_logits"][0, 0]
+        a = dec(feats, prompts[:, :2]).mask_logits[0, 0]
+        b = dec(feats, other).mask_logits[0, 0]
         assert (not torch.allclose(a, b, atol=1e-6)) == should_change
 
 
@@ -90,7 +90,7 @@ def test_trainable_text_encoder_lives_inside_the_network(tiny_bert_dir):
     prompts = prompt_inputs([["liver", "spleen"], ["liver"]], enc, "cpu")
     assert prompts[0] == ["liver", "spleen"] and prompts[1].tolist() == [[0, 1], [0, 0]]
     out = net(torch.randn(2, 1, 8, 8, 8), prompts, torch.tensor([[True, True], [True, False]]))
-    out["mask_logits"][:, 0].mean().backward()
+    out.mask_logits[:, 0].mean().backward()
     assert enc.model.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     cached = prompt_inputs([["liver", "spleen"], ["liver"]], frozen_enc, "cpu")
     assert cached.shape == (2, 2, 32) and torch.equal(cached[0, 0], cached[1, 0])
@@ -112,11 +112,11 @@ def test_dynamic_heads(fusion, encoder):
     image = torch.randn(2, 1, 32, 32, 24)
     both = text.encode(["liver", "spleen"])[None].expand(2, -1, -1).contiguous()
     out = net(image, both)
-    assert out["mask_logits"].shape == (2, 2, 32, 32, 24) and out["presence_logits"].shape == (2, 2)
+    assert out.mask_logits.shape == (2, 2, 32, 32, 24) and out.presence_logits.shape == (2, 2)
     # Each query has its own head: asking for spleen alone gives the same spleen mask.
     alone = net(image, both[:, 1:])
-    assert torch.allclose(alone["mask_logits"][:, 0], out["mask_logits"][:, 1], atol=1e-5)
-    out["mask_logits"].square().mean().backward()
+    assert torch.allclose(alone.mask_logits[:, 0], out.mask_logits[:, 1], atol=1e-5)
+    out.mask_logits.square().mean().backward()
     assert net.fusion.controller.weight.grad.abs().sum() > 0
 
 
@@ -133,7 +133,7 @@ def test_clip_universal_reference_shape():
     assert cfg["train"]["lr"] == 1e-4  # the original's rate: at the default 2e-3 the dynamic head collapses
     with torch.no_grad():  # 64³: at 32³ the bottleneck is one voxel, which InstanceNorm cannot normalise
         out = net(torch.randn(1, 1, 64, 64, 64), text.encode(["liver", "liver tumor"])[None])
-    assert out["mask_logits"].shape == (1, 2, 64, 64, 64)
+    assert out.mask_logits.shape == (1, 2, 64, 64, 64)
 
 
 def _tiny_unet():
@@ -144,9 +144,9 @@ def _tiny_unet():
 def test_sat_style_fused_keys_from_the_encoder():
     unet = _tiny_unet()
     features = unet(torch.randn(2, 1, 32, 32, 16))
-    assert [f.shape[1] for f in features.encoder] == [8, 16, 32]
+    assert [f.shape[1] for f in features.skips] == [8, 16, 32]
     # The encoder's and the decoder's maps differ, so where the keys come from changes the masks.
-    assert not torch.allclose(features.encoder[0], features.multiscale[0])
+    assert not torch.allclose(features.skips[0], features.decoder[0])
     torch.manual_seed(1)
     enc_keys = QueryDecoder(40, unet.feature_channels, 16, dim=32, heads=4, key_fusion="concat",
                             key_source="encoder", key_scales=[0, 1, 2], ffn_dim=48, mask_hidden=24)
@@ -158,14 +158,8 @@ def test_sat_style_fused_keys_from_the_encoder():
     keys, _ = enc_keys._tokens(features)
     assert keys.shape == (2, 8 * 8 * 4, 32)
     prompts = torch.randn(2, 3, 40)
-    a, b = enc_keys(features, prompts)["mask_logits"], dec_keys(features, prompts)["mask_logits"]
+    a, b = enc_keys(features, prompts).mask_logits, dec_keys(features, prompts).mask_logits
     assert a.shape == (2, 3, 32, 32, 16) and not torch.allclose(a, b)
-    # An encoder that does not expose its encoder outputs is told so in one line.
-    from vlseg.errors import VlsegError
-    from vlseg.models.features import ImageFeatures
-
-    with pytest.raises(VlsegError, match="key_source"):
-        enc_keys(ImageFeatures(features.multiscale, features.voxel_embedding), prompts)
 
 
 def test_deep_supervision_heads_train_only():
@@ -173,11 +167,11 @@ def test_deep_supervision_heads_train_only():
     decoder = QueryDecoder(40, unet.feature_channels, 16, dim=32, heads=4, deep_supervision=2)
     features = unet(torch.randn(1, 1, 32, 32, 16))
     out = decoder(features, torch.randn(1, 2, 40))
-    assert [a.shape for a in out["aux_mask_logits"]] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]
-    sum(a.square().mean() for a in out["aux_mask_logits"]).backward()
+    assert [a.shape for a in out.deep_supervision] == [(1, 2, 16, 16, 8), (1, 2, 8, 8, 4)]
+    sum(a.square().mean() for a in out.deep_supervision).backward()
     assert all(h[2].weight.grad.abs().sum() > 0 for h in decoder.aux_heads)
     decoder.eval()
-    assert "aux_mask_logits" not in decoder(features, torch.randn(1, 2, 40))  # inference pays nothing for it
+    assert decoder(features, torch.randn(1, 2, 40)).deep_supervision == ()  # inference pays nothing for it
     with pytest.raises(ValueError, match="deep_supervision"):
         QueryDecoder(40, unet.feature_channels, 16, deep_supervision=3)
 
@@ -194,10 +188,10 @@ def test_unetr_encoder_features_and_size_check():
     net, text = build_network(cfg, vocab)
     assert isinstance(net.image_encoder, UNETREncoder)
     features = net.encode_image(torch.randn(1, 1, 32, 32, 32))
-    assert [tuple(f.shape[1:]) for f in features.multiscale] == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8),
+    assert [tuple(f.shape[1:]) for f in features.decoder] == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8),
                                                                  (64, 4, 4, 4), (48, 2, 2, 2)]
     out = net(torch.randn(1, 1, 32, 32, 32), text.encode(["liver", "spleen"])[None])
-    assert out["mask_logits"].shape == (1, 2, 32, 32, 32)
+    assert out.mask_logits.shape == (1, 2, 32, 32, 32)
     with pytest.raises(VlsegError, match="img_size"):
         net.encode_image(torch.randn(1, 1, 32, 32, 16))
     # The published UNETR (96³, feature size 16, ViT-B): ~92.6 M parameters.

@@ -66,11 +66,11 @@ def test_sat_reference_forward_on_cpu(name):
         features = enc(torch.randn(1, 1, 64, 32, 32))
         out = fusion(features, prompts)
         alone = fusion(features, prompts[:, :1])
-    assert out["mask_logits"].shape == (1, 3, 64, 32, 32) and out["presence_logits"].shape == (1, 3)
-    assert torch.isfinite(out["mask_logits"]).all()
-    assert not torch.allclose(out["mask_logits"][0, 0], out["mask_logits"][0, 1])
+    assert out.mask_logits.shape == (1, 3, 64, 32, 32) and out.presence_logits.shape == (1, 3)
+    assert torch.isfinite(out.mask_logits).all()
+    assert not torch.allclose(out.mask_logits[0, 0], out.mask_logits[0, 1])
     # Without self-attention each prompt is decoded on its own: asking it alone gives the same mask.
-    torch.testing.assert_close(alone["mask_logits"][0, 0], out["mask_logits"][0, 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone.mask_logits[0, 0], out.mask_logits[0, 0], rtol=1e-4, atol=1e-4)
 
 
 def test_reference_configs_need_a_local_text_tower():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from vlseg.models.features import FusionOutput
 from vlseg.train.losses import LOSSES, SegmentationLoss, soft_dice_loss
 
 
@@ -16,7 +17,7 @@ def _batch(seed=0):
     # [0, 1] annotated but absent (a negative); [0, 2] and [1, 2] not annotated; [1, 0] is padding
     annotated = torch.tensor([[True, True, False], [False, True, False]])
     query_mask = torch.tensor([[True, True, True], [False, True, True]])
-    return {"mask_logits": logits, "presence_logits": presence}, target, annotated, query_mask
+    return FusionOutput(logits, presence), target, annotated, query_mask
 
 
 def test_gradient_is_exactly_zero_through_unannotated_and_padded_queries():
@@ -24,7 +25,7 @@ def test_gradient_is_exactly_zero_through_unannotated_and_padded_queries():
     parts = LOSSES.build({"name": "masked"})(out, target, annotated, query_mask)
     assert parts["n"] == 3
     parts["loss"].backward()
-    g, gp = out["mask_logits"].grad, out["presence_logits"].grad
+    g, gp = out.mask_logits.grad, out.presence_logits.grad
     for b, q in [(0, 2), (1, 2), (1, 0)]:  # unannotated, unannotated, padding
         assert torch.count_nonzero(g[b, q]) == 0 and gp[b, q] == 0
     for b, q in [(0, 0), (0, 1), (1, 1)]:  # supervised, including the in-set negative
@@ -37,17 +38,17 @@ def test_naive_variant_supervises_unannotated_as_background_and_differs():
     naive = LOSSES.build({"name": "naive"})(out, target, annotated, query_mask)
     assert naive["n"] == 5 and not torch.isclose(masked["loss"], naive["loss"])
     naive["loss"].backward()
-    assert torch.count_nonzero(out["mask_logits"].grad[0, 2]) > 0  # pushed towards background
-    assert torch.count_nonzero(out["mask_logits"].grad[1, 0]) == 0  # padding is never supervised
+    assert torch.count_nonzero(out.mask_logits.grad[0, 2]) > 0  # pushed towards background
+    assert torch.count_nonzero(out.mask_logits.grad[1, 0]) == 0  # padding is never supervised
 
 
 def test_masked_loss_ignores_what_unannotated_queries_predict():
     out, target, annotated, query_mask = _batch()
     loss_fn = SegmentationLoss("masked")
     base = loss_fn(out, target, annotated, query_mask)["loss"]
-    changed = {k: v.detach().clone() for k, v in out.items()}
-    changed["mask_logits"][0, 2] = 50.0  # wild predictions where nothing is annotated
-    changed["presence_logits"][1, 2] = -50.0
+    changed = FusionOutput(out.mask_logits.detach().clone(), out.presence_logits.detach().clone())
+    changed.mask_logits[0, 2] = 50.0  # wild predictions where nothing is annotated
+    changed.presence_logits[1, 2] = -50.0
     assert torch.equal(loss_fn(changed, target, annotated, query_mask)["loss"], base.detach())
 
 
@@ -72,7 +73,7 @@ def test_no_supervised_query_gives_zero_loss_with_a_graph():
     parts = SegmentationLoss("masked")(out, target, torch.zeros(2, 3, dtype=torch.bool), query_mask)
     assert parts["n"] == 0 and parts["loss"].item() == 0.0
     parts["loss"].backward()
-    assert torch.count_nonzero(out["mask_logits"].grad) == 0
+    assert torch.count_nonzero(out.mask_logits.grad) == 0
 
 
 def test_focal_pixel_term_discounts_easy_voxels():
@@ -80,7 +81,7 @@ def test_focal_pixel_term_discounts_easy_voxels():
     logits = torch.randn(1, 2, 8, 8, 4) * 3
     target = (torch.rand(1, 2, 8, 8, 4) > 0.8).float()
     ones = torch.ones(1, 2, dtype=torch.bool)
-    outputs = {"mask_logits": logits, "presence_logits": torch.zeros(1, 2)}
+    outputs = FusionOutput(logits, torch.zeros(1, 2))
     bce = SegmentationLoss(pixel="bce")(outputs, target, ones, ones)
     focal = SegmentationLoss(pixel="focal", focal_gamma=2.0)(outputs, target, ones, ones)
     assert 0 < float(focal["bce"]) < float(bce["bce"])  # every voxel's term shrinks by (1 - p_t)^2
@@ -93,15 +94,15 @@ def test_deep_supervision_weights_coarser_heads_and_sums_to_one():
     loss = LOSSES.build({"name": "masked"})
     target = torch.ones(1, 1, 8, 8, 4)
     annotated = query_mask = torch.ones(1, 1, dtype=torch.bool)
-    flat = {"mask_logits": torch.full((1, 1, 8, 8, 4), 0.3), "presence_logits": torch.zeros(1, 1)}
+    flat = FusionOutput(torch.full((1, 1, 8, 8, 4), 0.3), torch.zeros(1, 1))
     # A full target and constant logits give the same BCE and Dice at every resolution, so weights summing to one
     # leave the loss unchanged ...
-    same = dict(flat, aux_mask_logits=[torch.full((1, 1, 4, 4, 2), 0.3), torch.full((1, 1, 2, 2, 1), 0.3)])
+    same = flat._replace(deep_supervision=(torch.full((1, 1, 4, 4, 2), 0.3), torch.full((1, 1, 2, 2, 1), 0.3)))
     torch.testing.assert_close(loss(same, target, annotated, query_mask)["loss"],
                                loss(flat, target, annotated, query_mask)["loss"])
     # ... while a wrong coarse head raises it, and its gradient reaches that head.
     aux = torch.full((1, 1, 4, 4, 2), -3.0, requires_grad=True)
-    worse = loss(dict(flat, aux_mask_logits=[aux]), target, annotated, query_mask)["loss"]
+    worse = loss(flat._replace(deep_supervision=(aux,)), target, annotated, query_mask)["loss"]
     assert worse > loss(flat, target, annotated, query_mask)["loss"]
     worse.backward()
     assert aux.grad.abs().sum() > 0
@@ -117,7 +118,7 @@ def test_deep_supervision_targets_are_reduced_by_majority():
     good[0, 0, 0, 0, 0] = 20.0
     bad = good.clone()
     bad[0, 0, 1, 1, 1] = 20.0
-    base = {"mask_logits": torch.zeros(1, 1, 4, 4, 4), "presence_logits": torch.zeros(1, 1)}
-    l_good = loss(dict(base, aux_mask_logits=[good]), target, annotated, query_mask)["loss"]
-    l_bad = loss(dict(base, aux_mask_logits=[bad]), target, annotated, query_mask)["loss"]
+    base = FusionOutput(torch.zeros(1, 1, 4, 4, 4), torch.zeros(1, 1))
+    l_good = loss(base._replace(deep_supervision=(good,)), target, annotated, query_mask)["loss"]
+    l_bad = loss(base._replace(deep_supervision=(bad,)), target, annotated, query_mask)["loss"]
     assert l_good < l_bad

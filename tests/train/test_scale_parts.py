@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from tests.conftest import tiny_overrides
 from vlseg.config import load_config
 from vlseg.errors import VlsegError
+from vlseg.models.features import FusionOutput
 from vlseg.train.distributed import deepspeed_config, micro_batch_size
 from vlseg.train.losses import SegmentationLoss
 from vlseg.train.sampler import StepShardSampler
@@ -52,11 +53,11 @@ def test_normalised_loss_splits_exactly():
     target = (torch.rand(4, 3, 6, 6, 4) > 0.7).float()
     annotated = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
     qmask = torch.ones(4, 3, dtype=torch.bool)
-    whole = loss({"mask_logits": logits, "presence_logits": presence}, target, annotated, qmask)
+    whole = loss(FusionOutput(logits, presence), target, annotated, qmask)
     (g_whole,) = torch.autograd.grad(whole["loss"], logits)
     n = int(loss.supervised(annotated, qmask).sum())
-    halves = [loss({"mask_logits": logits[s], "presence_logits": presence[s]}, target[s], annotated[s], qmask[s],
-                   normalizer=n) for s in (slice(0, 2), slice(2, 4))]
+    halves = [loss(FusionOutput(logits[s], presence[s]), target[s], annotated[s], qmask[s], normalizer=n)
+              for s in (slice(0, 2), slice(2, 4))]
     total = halves[0]["loss"] + halves[1]["loss"]
     (g_split,) = torch.autograd.grad(total, logits)
     assert float(total.detach()) == pytest.approx(float(whole["loss"].detach()), rel=1e-6)
@@ -110,7 +111,7 @@ def test_activation_checkpointing_same_gradients_less_saved_memory(phantom_corpu
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                       lambda t: t):
             out = net(image, prompts)
-        (out["mask_logits"].square().mean() + out["presence_logits"].square().mean()).backward()
+        (out.mask_logits.square().mean() + out.presence_logits.square().mean()).backward()
         return [p.grad.clone() for p in net.parameters()], sum(saved)
 
     grads_plain, saved_plain = run(False)

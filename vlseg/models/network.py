@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
+from vlseg.models.features import Fusion, FusionOutput, ImageEncoder, ImageFeatures, check_pairing
 from vlseg.models.text import TextEncoder, build_text_encoder
 from vlseg.registry import FUSIONS, IMAGE_ENCODERS
 
 
 class VLSegNet(nn.Module):
-    """``forward(image, prompts, query_mask)`` → ``{"mask_logits", "presence_logits"}``.
+    """``forward(image, prompts, query_mask)`` → ``FusionOutput`` (``vlseg.models.features``).
 
     ``prompts`` is either a ``[B, Q, D]`` tensor of text embeddings (frozen encoder, embeddings cached outside) or,
     when the text encoder is trained, a tuple ``(texts, index)``: the batch's distinct strings and a ``[B, Q]`` index
@@ -19,9 +22,10 @@ class VLSegNet(nn.Module):
     identity instead) and, later, of ZeRO partitioning.
     """
 
-    def __init__(self, image_encoder: nn.Module, fusion: nn.Module, text_dim: int,
+    def __init__(self, image_encoder: ImageEncoder, fusion: Fusion, text_dim: int,
                  text_encoder: TextEncoder | None = None):
         super().__init__()
+        check_pairing(image_encoder, fusion, type(image_encoder).__name__, type(fusion).__name__)
         self.image_encoder = image_encoder
         self.fusion = fusion
         self.text_encoder = text_encoder
@@ -48,7 +52,7 @@ class VLSegNet(nn.Module):
                 switched.append(name)
         return switched
 
-    def encode_image(self, image: torch.Tensor):
+    def encode_image(self, image: torch.Tensor) -> ImageFeatures:
         return self.image_encoder(image)
 
     def embed_prompts(self, prompts) -> torch.Tensor:
@@ -61,10 +65,10 @@ class VLSegNet(nn.Module):
             emb = self.text_encoder(list(texts))[index]
         return (emb - self.prompt_center.to(emb.dtype)) * self.prompt_scale.to(emb.dtype)
 
-    def decode(self, features, prompts, query_mask=None) -> dict:
+    def decode(self, features: ImageFeatures, prompts, query_mask=None) -> FusionOutput:
         return self.fusion(features, self.embed_prompts(prompts), query_mask)
 
-    def forward(self, image, prompts, query_mask=None) -> dict:
+    def forward(self, image, prompts, query_mask=None) -> FusionOutput:
         return self.decode(self.encode_image(image), prompts, query_mask)
 
 
@@ -72,10 +76,21 @@ def build_network(cfg: dict, vocabulary) -> tuple[VLSegNet, TextEncoder]:
     """Build the network and its text encoder from a resolved config. Returns ``(net, text_encoder)``."""
     text_encoder = build_text_encoder(cfg["text_encoder"], vocabulary)
     image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
-    fusion = FUSIONS.build(cfg["fusion"], text_dim=text_encoder.dim,
-                           feature_channels=image_encoder.feature_channels, embed_dim=image_encoder.embed_dim)
+    fusion = build_fusion(cfg, image_encoder, text_encoder.dim)
     net = VLSegNet(image_encoder, fusion, text_encoder.dim, None if text_encoder.frozen else text_encoder)
     return net, text_encoder
+
+
+def build_fusion(cfg: dict, image_encoder: ImageEncoder, text_dim: int) -> Fusion:
+    """The config's fusion for ``image_encoder`` and prompts ``text_dim`` wide, once the pairing is checked: the
+    encoder's ``feature_channels`` and ``embed_dim`` go to every fusion, its ``strides`` to one that asks for them."""
+    factory = FUSIONS.get(cfg["fusion"]["name"])
+    check_pairing(image_encoder, factory, cfg["image_encoder"]["name"], cfg["fusion"]["name"])
+    supplied = {"text_dim": text_dim, "feature_channels": image_encoder.feature_channels,
+                "embed_dim": image_encoder.embed_dim}
+    if "strides" in inspect.signature(factory).parameters:
+        supplied["strides"] = list(image_encoder.strides)
+    return FUSIONS.build(cfg["fusion"], **supplied)
 
 
 def prompt_inputs(texts: list[list[str]], text_encoder: TextEncoder, device) -> torch.Tensor | tuple:
@@ -128,9 +143,7 @@ def count_parameters(cfg: dict, text_dim: int) -> dict:
         try:
             with torch.device(device):
                 image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
-                fusion = FUSIONS.build(cfg["fusion"], text_dim=text_dim,
-                                       feature_channels=image_encoder.feature_channels,
-                                       embed_dim=image_encoder.embed_dim)
+                fusion = build_fusion(cfg, image_encoder, text_dim)
             break
         except (NotImplementedError, RuntimeError):
             if device == "cpu":

@@ -16,11 +16,14 @@ predicted, ½ when κ voxels' worth of probability is predicted, → 1 as the fa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlseg.errors import VlsegError
+from vlseg.models.features import FusionOutput
 from vlseg.registry import LOSSES
 
 
@@ -60,16 +63,17 @@ class SegmentationLoss(nn.Module):
         real = query_mask.bool()
         return real & annotated.bool() if self.partial_labels == "masked" else real
 
-    def forward(self, outputs: dict, target: torch.Tensor, annotated: torch.Tensor, query_mask: torch.Tensor,
+    def forward(self, outputs: FusionOutput, target: torch.Tensor, annotated: torch.Tensor, query_mask: torch.Tensor,
                 normalizer: float | None = None) -> dict:
-        """``target [B, Q, *spatial]`` binary (zeros where the class is not annotated), ``annotated`` and
-        ``query_mask`` ``[B, Q]``.  Returns the total ``loss``, its parts (detached means) and, for logging by dataset,
-        ``pairs``: ``[n, 4]`` per supervised pair (total, bce, dice, presence) with ``pair_sample`` ``[n]``.
+        """``outputs``: the fusion's; ``target [B, Q, *spatial]`` binary (zeros where the class is not annotated),
+        ``annotated`` and ``query_mask`` ``[B, Q]``.  Returns the total ``loss``, its parts (detached means) and, for
+        logging by dataset, ``pairs``: ``[n, 4]`` per supervised pair (total, bce, dice, presence) with ``pair_sample``
+        ``[n]``.
 
         ``loss`` is the mean over the batch's supervised pairs, or their sum divided by ``normalizer``: a run split over
         processes and micro-batches passes the step's global pair count, so the summed gradients are exactly those of
         the mean over the whole global batch."""
-        logits, presence = outputs["mask_logits"], outputs["presence_logits"]
+        logits, presence = outputs.mask_logits, outputs.presence_logits
         keep = self.supervised(annotated, query_mask)
         n = int(keep.sum())
         if n == 0:
@@ -83,7 +87,7 @@ class SegmentationLoss(nn.Module):
         present = (tg.amax(-1) > 0).float()
         pres = F.binary_cross_entropy_with_logits(presence[keep].float(), present, reduction="none")
         mask_term = self.bce_weight * bce + self.dice_weight * dice
-        aux = outputs.get("aux_mask_logits") or []
+        aux = outputs.deep_supervision
         if aux:
             # Deep supervision: the same mask terms on each coarser head against the target reduced by majority
             # (area average ≥ ½), weighted 1, ½, ¼ … and normalised to sum to 1 as nnU-Net does.
@@ -105,11 +109,6 @@ class SegmentationLoss(nn.Module):
                 "pair_sample": keep.nonzero()[:, 0].cpu()}
 
 
-@LOSSES.register("masked")
-def masked_loss(**kwargs) -> SegmentationLoss:
-    return SegmentationLoss(partial_labels="masked", **kwargs)
-
-
-@LOSSES.register("naive")
-def naive_loss(**kwargs) -> SegmentationLoss:
-    return SegmentationLoss(partial_labels="naive", **kwargs)
+# Each policy is SegmentationLoss with ``partial_labels`` fixed; its settings and their defaults are the class's.
+masked_loss = LOSSES.register("masked")(functools.partial(SegmentationLoss, "masked"))
+naive_loss = LOSSES.register("naive")(functools.partial(SegmentationLoss, "naive"))

@@ -1,8 +1,8 @@
 """Transformer image encoders from MONAI (SwinUNETR, UNETR), exposing what the fusions need.
 
 MONAI's networks return only segmentation logits; the fusions need every decoder stage and a per-voxel embedding.
-These wrappers build MONAI's own network and replay its forward pass, keeping the intermediate decoder outputs and
-dropping its output convolution (replaced by a 1×1×1 projection to ``embed_dim``).
+These wrappers build MONAI's own network and replay its forward pass, keeping the encoder's skips and the intermediate
+decoder outputs and dropping its output convolution (replaced by a 1×1×1 projection to ``embed_dim``).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlseg.models.features import ImageFeatures
+from vlseg.models.features import ImageEncoder, ImageFeatures
 from vlseg.registry import IMAGE_ENCODERS
 
 
 @IMAGE_ENCODERS.register("swinunetr")
-class SwinUNETREncoder(nn.Module):
+class SwinUNETREncoder(ImageEncoder):
     """SwinUNETR (the CLIP-Driven Universal Model's backbone at ``feature_size=48``); input sides divisible by 32."""
 
     def __init__(self, in_channels: int = 1, feature_size: int = 48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
@@ -29,7 +29,7 @@ class SwinUNETREncoder(nn.Module):
         fs = feature_size
         self.feature_channels = [fs, fs, 2 * fs, 4 * fs, 8 * fs, 16 * fs]
         self.embed_dim = embed_dim
-        self.total_stride = (32, 32, 32)
+        self.strides = [(1, 1, 1)] + [(2, 2, 2)] * 5
         self.embed = nn.Conv3d(fs, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> ImageFeatures:
@@ -42,11 +42,12 @@ class SwinUNETREncoder(nn.Module):
         dec1 = n.decoder3(dec2, enc2)
         dec0 = n.decoder2(dec1, enc1)
         out = n.decoder1(dec0, enc0)
-        return ImageFeatures(multiscale=[out, dec0, dec1, dec2, dec3, dec4], voxel_embedding=self.embed(out))
+        return ImageFeatures(skips=[enc0, enc1, enc2, enc3, hidden[3], dec4],
+                             decoder=[out, dec0, dec1, dec2, dec3, dec4], voxel_embedding=self.embed(out))
 
 
 @IMAGE_ENCODERS.register("unetr")
-class UNETREncoder(nn.Module):
+class UNETREncoder(ImageEncoder):
     """UNETR (a 12-layer ViT on 16³ patches with a convolutional decoder). Its position embedding is learnt for one
     input size, ``img_size``, so training crops and inference windows must both be that size (the config's
     ``data.crop_size``, which inference uses as its window)."""
@@ -65,7 +66,7 @@ class UNETREncoder(nn.Module):
         fs = feature_size
         self.feature_channels = [fs, 2 * fs, 4 * fs, 8 * fs, hidden_size]
         self.embed_dim = embed_dim
-        self.total_stride = (16, 16, 16)
+        self.strides = [(1, 1, 1)] + [(2, 2, 2)] * 4
         self.embed = nn.Conv3d(fs, embed_dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> ImageFeatures:
@@ -85,4 +86,5 @@ class UNETREncoder(nn.Module):
         dec2 = n.decoder4(dec3, enc3)
         dec1 = n.decoder3(dec2, enc2)
         out = n.decoder2(dec1, enc1)
-        return ImageFeatures(multiscale=[out, dec1, dec2, dec3, dec4], voxel_embedding=self.embed(out))
+        return ImageFeatures(skips=[enc1, enc2, enc3, enc4, dec4], decoder=[out, dec1, dec2, dec3, dec4],
+                             voxel_embedding=self.embed(out))

