@@ -40,13 +40,14 @@ def main(argv=None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    from vlseg.config import load_config
+    from vlseg.config import DataSection, load_config
     from vlseg.models.network import build_network, prompt_inputs
-    from vlseg.prepare.cache.build import open_cache, preprocess_corpus
+    from vlseg.prepare.cache.build import preprocess_corpus
+    from vlseg.prepare.cache.read import open_cache
     from vlseg.prepare.manifest import read_manifest
+    from vlseg.train.corpus import preprocess_settings
     from vlseg.train.crops import CropDataset, collate, synthesis_plan
     from vlseg.train.distributed import resolve_mixed_precision
-    from vlseg.train.loop import preprocess_settings
     from vlseg.train.losses import LOSSES
     from vlseg.vocab.vocabulary import Vocabulary
 
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     cfg = load_config(config, [f"data.manifest={manifest}"])
     dcfg = cfg["data"]
     cases = read_manifest(manifest, split=dcfg["train_split"])
-    settings = preprocess_settings(cfg)
+    settings = preprocess_settings(DataSection.from_config(cfg))
     cache = tmp / "cache"
 
     t = time.perf_counter()

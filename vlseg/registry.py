@@ -7,6 +7,7 @@ time it is asked for a name: adding a component is adding a file, with no import
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import pkgutil
@@ -16,8 +17,11 @@ from vlseg.errors import VlsegError
 
 
 class Registry:
-    def __init__(self, kind: str, home: str | None = None):
-        self.kind, self.home = kind, home
+    """``supplied``: constructor arguments the code passes when it builds a component (the text embedding width a
+    fusion gets from the text encoder, ...); they are not settings of the config section."""
+
+    def __init__(self, kind: str, home: str | None = None, supplied: tuple[str, ...] = ()):
+        self.kind, self.home, self.supplied = kind, home, tuple(supplied)
         self._items: dict[str, Callable[..., Any]] = {}
         self._loaded = False
 
@@ -55,12 +59,34 @@ class Registry:
             raise VlsegError(f"{self.kind} {section['name']!r}: {exc}") from None
         return factory(**kwargs, **extra)
 
+    def defaults(self, name: str) -> dict:
+        """The settings of component ``name`` that have a default, in signature order: its constructor's defaults,
+        the one place they are written (tuples as lists, as a YAML config holds them)."""
+        skip = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        params = inspect.signature(self.get(name)).parameters.values()
+        return {p.name: _as_config_value(p.default) for p in params
+                if p.default is not p.empty and p.kind not in skip and p.name not in self.supplied}
+
     def names(self) -> list[str]:
         self._load()
         return sorted(self._items)
 
+    def unregister(self, name: str) -> None:
+        """Forget a component (a test's own, once the test is done with it)."""
+        self._items.pop(name, None)
 
-TEXT_ENCODERS = Registry("text encoder", "vlseg.models.text")
+
+def _as_config_value(value):
+    if isinstance(value, (list, tuple)):
+        return [_as_config_value(v) for v in value]
+    return copy.deepcopy(value)
+
+
+TEXT_ENCODERS = Registry("text encoder", "vlseg.models.text", supplied=("vocabulary",))
 IMAGE_ENCODERS = Registry("image encoder", "vlseg.models.encoders")
-FUSIONS = Registry("fusion", "vlseg.models.fusions")
+FUSIONS = Registry("fusion", "vlseg.models.fusions",
+                   supplied=("text_dim", "feature_channels", "embed_dim", "strides"))
 LOSSES = Registry("loss", "vlseg.train.losses")
+METRICS = Registry("metric", "vlseg.evaluate.metrics")
+SCAN_READERS = Registry("scan format", "vlseg.io")
+DATASET_LAYOUTS = Registry("dataset layout", "vlseg.prepare.layouts")

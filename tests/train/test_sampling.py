@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from vlseg.errors import VlsegError
-from vlseg.prepare.cache.build import open_cache, preprocess_corpus
+from vlseg.prepare.cache.build import preprocess_corpus
+from vlseg.prepare.cache.read import open_cache
 from vlseg.prepare.manifest import read_manifest
 from vlseg.train.crops import CropDataset, dataset_weights, synthesis_plan
 from vlseg.vocab.vocabulary import Vocabulary

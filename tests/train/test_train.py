@@ -11,7 +11,8 @@ from tests.conftest import tiny_overrides
 from vlseg.checkpoint import list_checkpoints, resolve_checkpoint
 from vlseg.config import load_config
 from vlseg.errors import VlsegError
-from vlseg.train.loop import lr_factor, train
+from vlseg.train.loop import train
+from vlseg.train.step import lr_factor
 
 
 def test_run_directory_artefacts(tiny_run):
@@ -121,3 +122,24 @@ def test_a_different_text_encoder_is_refused(tmp_path, tiny_run, phantom_corpus,
     cfg = load_config(None, tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir, run_name="again"))
     with pytest.raises(VlsegError, match="not the one this run was trained with"):
         train(cfg, resume=run, progress=False)
+
+
+def test_training_records_the_working_spacing_inference_uses(tmp_path, phantom_corpus, tiny_bert_dir):
+    import numpy as np
+
+    from vlseg import Segmenter
+    from vlseg.config import DataSection
+    from vlseg.prepare.manifest import read_manifest
+    from vlseg.train.corpus import load_training_cases
+
+    # Liver cases resampled to 6 x 6 x 5 mm, the others kept at 4 mm: predictions are made at the median spacing.
+    cfg = load_config(None, tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir, **{
+        "data.spacing_per_dataset": "{PhantomLiver: [6, 6, 5], PhantomSpleen: [6, 6, 5]}", "train.steps": 1,
+        "data.cache": str(tmp_path / "cache")}))
+    run = train(cfg, progress=False)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["data"]["inference_spacing"]
+    cases = load_training_cases(DataSection.from_config(cfg), "train", progress=False)
+    assert recorded == [float(v) for v in np.median([c.spacing for c in cases], axis=0)] == [6.0, 6.0, 5.0]
+    scan = read_manifest(phantom_corpus, split="test")[0].image
+    report = Segmenter.from_pretrained(run).segment(scan, ["liver"]).report()
+    assert report["working_spacing_mm"] == recorded

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from vlseg.config import DataSection
 from vlseg.errors import VlsegError
-from vlseg.prepare.cache.build import CachedCase
+from vlseg.prepare.cache.read import CachedCase
 from vlseg.vocab.vocabulary import Vocabulary
 
 
@@ -93,13 +94,15 @@ def _region(shape, size, centre):
 
 
 def _zoom(image: np.ndarray, label: np.ndarray, size) -> tuple[np.ndarray, np.ndarray]:
-    """Resample a read region to the crop size: trilinear for the image, nearest for the label."""
+    """Resample a read region to the crop size: trilinear for the image, nearest for the label, both sampled at the
+    same points (voxel centres, ``align_corners=False``).  ``nearest-exact`` takes the source voxel whose centre is
+    nearest; plain ``nearest`` floors, which puts the label about half a source voxel off the image."""
     if tuple(image.shape) == tuple(size):
         return image, label
     img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None, None], size=tuple(size),
                         mode="trilinear", align_corners=False)[0, 0].numpy()
     lab = F.interpolate(torch.from_numpy(label.astype(np.float32))[None, None], size=tuple(size),
-                        mode="nearest")[0, 0].numpy().astype(label.dtype)
+                        mode="nearest-exact")[0, 0].numpy().astype(label.dtype)
     return img, lab
 
 
@@ -131,6 +134,19 @@ class CropDataset(Dataset):
         weights = dataset_weights(cases, dataset_temperature, dataset_factors)
         self.dataset_names = list(weights)
         self.dataset_probs = np.array([weights[d] for d in self.dataset_names])
+
+    @classmethod
+    def from_section(cls, cases: list[CachedCase], vocabulary: Vocabulary, data: DataSection, seed: int,
+                     query_unannotated: bool = False) -> CropDataset:
+        """The crops the ``data`` section of a config describes, lesion synthesis included."""
+        synthesis = synthesis_plan(data.synthesis, cases, vocabulary, data.ct_window)
+        return cls(cases, vocabulary, data.crop_size, seed=seed, foreground_prob=data.foreground_prob,
+                   max_queries=data.max_queries, synonyms=data.synonyms, query_unannotated=query_unannotated,
+                   dataset_temperature=data.dataset_temperature, dataset_factors=data.dataset_weights,
+                   class_factors=data.class_weights, negative_fraction=data.negative_fraction,
+                   zoom_range=data.zoom_range, synthesis=synthesis, thin_prob=data.thin_prob,
+                   thin_slices=data.thin_slices, intensity_scale=data.intensity_scale,
+                   intensity_shift=data.intensity_shift)
 
     def __len__(self) -> int:
         return self.length

@@ -21,7 +21,6 @@ import os
 import socket
 import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
