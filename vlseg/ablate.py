@@ -1,5 +1,5 @@
 """``python -m vlseg.ablate``, the older form of ``vlseg ablate`` (vlseg/cli/ablate.py; the studies themselves are
-vlseg/evaluate/ablate.py)."""
+vlseg/evaluate/ablate/)."""
 
 from vlseg.cli.ablate import main
 

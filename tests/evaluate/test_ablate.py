@@ -14,7 +14,9 @@ from PIL import Image
 from tests.conftest import tiny_overrides
 from vlseg.cli.ablate import main
 from vlseg.errors import VlsegError
-from vlseg.evaluate.ablate import collect, commands, fingerprint, load_study, run_config
+from vlseg.evaluate.ablate.runner import commands, fingerprint, run_config
+from vlseg.evaluate.ablate.study import load_study
+from vlseg.evaluate.ablate.tables import collect
 
 
 def _study(tmp_path, file_name="study.yaml", **spec):
@@ -36,7 +38,8 @@ def test_variants_grid_and_seeds_expand(tmp_path):
     assert run.run_dir == tmp_path / "out" / "masked_fusion.layers=1" / "seed0"
     lines = commands(study, path)
     assert len(lines) == 13 and lines[-1].endswith("--collect")
-    assert "--resume auto" in lines[0] and "seed=0" in lines[0] and "vlseg evaluate --checkpoint" in lines[0] and lines[0].startswith("vlseg train --config")
+    assert "--resume auto" in lines[0] and "seed=0" in lines[0] and "vlseg evaluate --checkpoint" in lines[0]
+    assert lines[0].startswith("vlseg train --config")
     assert f"--config {tmp_path / 'out' / 'base.yaml'}" in lines[0]
     assert yaml.safe_load((tmp_path / "out" / "base.yaml").read_text())["train"]["steps"] == 3
 
@@ -76,11 +79,12 @@ def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_
     rows = collect(load_study(path))
     assert [r["variant"] for r in rows] == ["masked", "naive", "dodnet"]
     # A text model is also scored on held-out paraphrases; a one-hot code cannot be asked them.
-    assert rows[0]["heldout"][2] == 2 and rows[2]["heldout"][2] == 0
+    assert rows[0]["scores"]["dice"]["heldout"][2] == 2 and rows[2]["scores"]["dice"]["heldout"][2] == 0
     for r in rows:
-        assert r["seeds"] == 2 and 0.0 <= r["overall"][0] <= 1.0 and r["overall"][2] == 2
+        dice = r["scores"]["dice"]
+        assert r["seeds"] == 2 and 0.0 <= dice["overall"][0] <= 1.0 and dice["overall"][2] == 2
         assert r["parameters"] > 10_000 and r["train_seconds"] > 0 and r["seconds_per_case"] > 0
-        assert "liver" in r["classes"]
+        assert "liver" in dice["classes"]
     table = (tmp_path / "results" / "tiny.md").read_text()
     assert "vlseg ablate" in table and "| masked | 2/2 |" in table
     with open(tmp_path / "results" / "tiny.csv") as fh:
@@ -91,8 +95,9 @@ def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_
     assert "commit" in info["latest"]["git"]
     # Another study whose baseline is the same computation links to the finished run instead of training it again;
     # --seeds runs a subset; evaluation settings of their own get an evaluation folder of their own.
-    same = _study(tmp_path, "other.yaml", name="other", overrides=tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir,
-                                                                   **{"train.steps": 2, "train.checkpoint_every": 2}),
+    same = _study(tmp_path, "other.yaml", name="other",
+                  overrides=tiny_overrides(tmp_path, phantom_corpus, tiny_bert_dir,
+                                           **{"train.steps": 2, "train.checkpoint_every": 2}),
                   variants={"baseline": []}, seeds=[0, 1], evaluate={"split": "test", "all_classes": True},
                   output=str(tmp_path / "other"), table=str(tmp_path / "results"))
     assert main([str(same), "--seeds", "0", "--no-progress"]) == 0

@@ -6,7 +6,9 @@ import argparse
 import dataclasses
 
 from vlseg.errors import VlsegError, run_guarded
-from vlseg.evaluate.ablate import collect, commands, execute, load_study, write_table
+from vlseg.evaluate.ablate.runner import commands, execute
+from vlseg.evaluate.ablate.study import load_study
+from vlseg.evaluate.ablate.tables import collect, write_table
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,12 @@
 
 Every case is segmented with one prompt per class its dataset annotates and the model knows (``--all-classes``: every
 annotated class), by the canonical class name and again by each of its held-out paraphrases (never trained on), and
-scored with Dice, NSD (tolerance in mm) and HD95 (mm, from the voxel spacing).  A prompt for a class that is absent
-from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as correct (Dice 1) when
-it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class, overall; the absent-target
-false-positive and present-target miss rates, with the presence head and with a predicted-volume rule; paraphrase
-consistency).
+scored with every registered metric (``vlseg.evaluate.metrics``: Dice, NSD with a tolerance in mm, HD95 in mm from the
+voxel spacing, volumes, ...), which give per_case.csv its metric columns and the summaries their keys.  A prompt for a
+class that is absent from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as
+correct (Dice 1) when it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class,
+overall; the absent-target false-positive and present-target miss rates, with the presence head and with a
+predicted-volume rule; paraphrase consistency).
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vlseg.errors import VlsegError
-from vlseg.evaluate.metrics import score_case, summarise
+from vlseg.evaluate.metrics import metrics, score_case, summarise
 from vlseg.io.scan import load_label, load_scan
 from vlseg.prepare.manifest import read_manifest
 
-COLUMNS = ["case_id", "dataset", "class", "prompt", "wording", "dice", "nsd", "hd95", "presence_probability", "gt_voxels",
-           "pred_voxels", "gt_volume_ml", "pred_volume_ml", "unvetoed_volume_ml", "false_positive", "false_negative",
-           "agreement_with_name"]
+IDENTITY = ("case_id", "dataset", "class", "prompt", "wording")
+# The evaluation's own columns of per_case.csv, each written after the metric column it is read beside.
+BESIDE = {"hd95": ("presence_probability",), "pred_volume_ml": ("unvetoed_volume_ml",)}
+
+
+def columns() -> list[str]:
+    """per_case.csv's columns: what was asked, the column of every registered metric that has one (in the order they
+    were defined, the evaluation's own beside theirs), then a paraphrase's agreement with the class name's mask."""
+    out = list(IDENTITY)
+    for m in metrics():
+        if m.column:
+            out += [m.name, *BESIDE.get(m.name, ())]
+    return [*out, "agreement_with_name"]
 
 
 def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
@@ -49,36 +60,9 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
     presence_threshold = float(segmenter.config["inference"]["presence_threshold"])
     rows, started, segmented = [], time.perf_counter(), 0
     for case in tqdm(cases, desc=f"evaluating {split}", disable=not progress):
-        scan = load_scan(case.image)
-        label = load_label(case.label, like=scan)
-        names = [c for c in case.classes if classes is None or c in classes]
-        if not names:
-            continue
-        asks = [(name, name, "name") for name in names]
-        # A closed-vocabulary model (one-hot codes) cannot be asked an unseen paraphrase at all: none are scored.
-        if heldout and vocabulary is not None and getattr(getattr(segmenter, "text_encoder", None), "open_vocabulary",
-                                                          True):
-            asks += [(name, text, "heldout") for name in names if name in vocabulary.names
-                     for text in vocabulary.heldout[name]]
-        # Masks without the presence veto, which is applied below: the same pass then also scores the simplest
-        # alternative to a presence head (calling a target absent when its predicted volume is small).
-        result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False,
-                                   presence_threshold=0.0)
-        segmented += 1
-        by_name = {}
-        for (name, _, wording), r in zip(asks, result.results):
-            kept = r.presence_probability >= presence_threshold
-            pred = r.mask.astype(bool) if kept else np.zeros(r.mask.shape, bool)
-            gt = case.class_mask(label, name)
-            scores = score_case(pred, gt, scan.spacing, nsd_tolerance_mm)
-            row = {"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
-                   "wording": wording, "presence_probability": r.presence_probability,
-                   "unvetoed_volume_ml": r.volume_ml, **scores}
-            if wording == "name":
-                by_name[name] = pred
-            elif name in by_name:  # how far the paraphrase's mask is from the class name's
-                row["agreement_with_name"] = _dice(pred, by_name[name])
-            rows.append(row)
+        case_rows = _score_one_case(segmenter, case, classes, heldout, presence_threshold, nsd_tolerance_mm)
+        segmented += bool(case_rows)
+        rows += case_rows
     named = [r for r in rows if r["wording"] == "name"]
     paraphrased = [r for r in rows if r["wording"] == "heldout"]
     rows = named + paraphrased
@@ -98,15 +82,59 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         "seconds_per_case": (time.perf_counter() - started) / max(segmented, 1),
     }
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(out_dir / "per_case.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
+        _write(Path(out_dir), rows, summary)
     summary["rows"] = rows
     return summary
+
+
+def _asks(segmenter, names: list[str], heldout: bool) -> list[tuple[str, str, str]]:
+    """(class, prompt, wording) per class of a case: by its name, then (``heldout``) by each held-out paraphrase."""
+    vocabulary = getattr(segmenter, "vocabulary", None)
+    asks = [(name, name, "name") for name in names]
+    # A closed-vocabulary model (one-hot codes) cannot be asked an unseen paraphrase at all: none are scored.
+    if heldout and vocabulary is not None and getattr(getattr(segmenter, "text_encoder", None), "open_vocabulary",
+                                                      True):
+        asks += [(name, text, "heldout") for name in names if name in vocabulary.names
+                 for text in vocabulary.heldout[name]]
+    return asks
+
+
+def _score_one_case(segmenter, case, classes: list[str] | None, heldout: bool, presence_threshold: float,
+                    nsd_tolerance_mm: float) -> list[dict]:
+    """The rows of one case, one per prompt asked (none when it annotates none of ``classes``)."""
+    scan = load_scan(case.image)
+    label = load_label(case.label, like=scan)
+    names = [c for c in case.classes if classes is None or c in classes]
+    if not names:
+        return []
+    asks = _asks(segmenter, names, heldout)
+    # Masks without the presence veto, which is applied below: the same pass then also scores the simplest
+    # alternative to a presence head (calling a target absent when its predicted volume is small).
+    result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False,
+                               presence_threshold=0.0)
+    rows, by_name = [], {}
+    for (name, _, wording), r in zip(asks, result.results):
+        kept = r.presence_probability >= presence_threshold
+        pred = r.mask.astype(bool) if kept else np.zeros(r.mask.shape, bool)
+        scores = score_case(pred, case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)
+        row = {"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,
+               "wording": wording, "presence_probability": r.presence_probability,
+               "unvetoed_volume_ml": r.volume_ml, **scores}
+        if wording == "name":
+            by_name[name] = pred
+        elif name in by_name:  # how far the paraphrase's mask is from the class name's
+            row["agreement_with_name"] = _dice(pred, by_name[name])
+        rows.append(row)
+    return rows
+
+
+def _write(out_dir: Path, rows: list[dict], summary: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "per_case.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns(), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,20 +1,35 @@
-"""How evaluation summaries read on a terminal."""
+"""How evaluation summaries read on a terminal: one column per summarised metric (``vlseg.evaluate.metrics``)."""
 
 from __future__ import annotations
 
+from vlseg.evaluate.metrics import Metric, metrics
+
+WIDTH = {"mean_std": 14, "mean": 10, "count": 4}  # a column's width by how its metric is summarised
+
+
+def _cell(metric: Metric, group: dict) -> str:
+    values = [group[key] for key in metric.summary_keys]
+    if metric.summary == "mean_std":
+        return f"{values[0]:>8{metric.fmt}}±{values[1]:<5{metric.fmt}}"
+    if metric.summary == "mean":
+        return f"{values[0]:>10{metric.fmt}}"
+    return f"{values[0]:>4}"  # a count
+
+
+def _table(groups: list[dict]) -> list[str]:
+    shown = [m for m in metrics() if m.summary]
+    lines = [f"{'class':<24}{'n':>4}" + "".join(f"{m.heading:>{WIDTH[m.summary]}}" for m in shown)]
+    for group in groups:
+        lines.append(f"{group['class']:<24}{group['n']:>4}" + "".join(_cell(m, group) for m in shown))
+    return lines
+
 
 def format_table(summary: dict) -> str:
-    def table(groups: list[dict]) -> list[str]:
-        lines = [f"{'class':<24}{'n':>4}{'Dice':>14}{'NSD':>14}{'HD95 mm':>10}{'FP':>4}{'FN':>4}"]
-        for row in groups:
-            lines.append(f"{row['class']:<24}{row['n']:>4}{row['dice_mean']:>8.3f}±{row['dice_std']:<5.3f}"
-                         f"{row['nsd_mean']:>8.3f}±{row['nsd_std']:<5.3f}{row['hd95_mean']:>10.2f}"
-                         f"{row['false_positives']:>4}{row['false_negatives']:>4}")
-        return lines
-
-    lines = table(summary["by_class"])
+    """An evaluation summary on a terminal: the per-class table (and the held-out paraphrases'), the absent-target
+    rates, paraphrase consistency."""
+    lines = _table(summary["by_class"])
     if summary.get("by_class_heldout"):
-        lines += ["held-out paraphrases (never trained on):", *table(summary["by_class_heldout"])]
+        lines += ["held-out paraphrases (never trained on):", *_table(summary["by_class_heldout"])]
     absent = summary.get("absent_targets")
     if absent:
         def pct(v):
