@@ -155,3 +155,25 @@ def test_a_region_limits_the_windows():
         part.add(corner, probs)
     prob = part.probability(0)
     assert prob[5, 5, 5] == pytest.approx(0.8, abs=1e-4) and prob[90, 90, 35] == 0.0
+
+
+def test_long_prompts_in_the_cli(tiny_run, oblique_scans, tmp_path):
+    shared = "liver " * 400
+    prompts = [shared + "tumor", shared + "kidney"]
+    out = _predict(tiny_run, "-i", oblique_scans / "case0.nii.gz", "-o", tmp_path / "long", "-p", prompts[0],
+                   "-p", prompts[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads((tmp_path / "long" / "report.json").read_text())
+    assert [row["prompt"] for row in report["prompts"]] == prompts
+    files = [row["file"] for row in report["prompts"]]
+    assert files[0] != files[1] and all(len(f) < 120 for f in files)
+    assert all((tmp_path / "long" / f).is_file() for f in files) and (tmp_path / "long" / "overlay.png").is_file()
+
+
+def test_negated_prompts_are_refused_before_any_scan_is_read(tiny_run, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"junk")
+    out = _predict(tiny_run, "-i", broken, "-o", tmp_path / "out", "-p", "liver", "-p", "not the liver")
+    assert out.returncode == 2 and not (tmp_path / "out").exists()
+    assert out.stderr.strip().startswith("error: prompt 'not the liver': vlseg does not understand negation ('not')")
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -121,3 +121,34 @@ def test_cli_predict_rejects_a_bad_spacing(tiny_run, lps_scan, tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip() == "error: spacing: the spacing (mm) must be 3 positive numbers, got ['4', '0', '4']"
     assert not (tmp_path / "pred").exists()
+
+
+def test_long_prompts_get_short_distinct_file_names(lps_scan, tmp_path):
+    """Prompts of thousands of characters: file names stay far below the 255-byte limit and distinct (also from a
+    prompt typed as another's file name), and report.json keeps every prompt as typed."""
+    from vlseg.infer.result import PromptResult, SegmentationResult
+    from vlseg.infer.stitching import BoxMask
+    from vlseg.io.scan import load_scan
+
+    scan = load_scan(lps_scan)
+    box = BoxMask(scan.data.shape, (0, 0, 0), np.ones((2, 2, 2), np.uint8))
+
+    def save(prompts, out):
+        results = [PromptResult(p, None, 1.0, True, box, 8, 0.0) for p in prompts]
+        files = SegmentationResult(scan, results, 0.0, "").save(out, overlay=False)
+        report = json.loads(files["report"].read_text())
+        assert [row["prompt"] for row in report["prompts"]] == prompts
+        names = [row["file"] for row in report["prompts"]]
+        assert len(set(names)) == len(names) and all(len(n.encode()) <= 120 for n in names)
+        assert sorted(p.name for p in out.iterdir()) == sorted(names + ["report.json"])
+        assert all(np.asarray(nib.load(out / n).dataobj).sum() == 8 for n in names)
+        return names
+
+    shared = "Liver, " + "segment the whole hepatic parenchyma including the caudate lobe " * 60
+    long_a, long_b = shared + "and its vessels", shared + "without its vessels"
+    names = save([long_a, long_b, "Liver", "liver", "liver!"], tmp_path / "a")
+    assert names[2].startswith("liver") and names[0].startswith("liver_segment_the_whole")
+    # A prompt typed as the file name another prompt gets: the two still get two files.
+    typed = names[0][: -len(".nii.gz")]
+    save([typed, long_a], tmp_path / "b")
+    assert not list(tmp_path.glob(".vlseg-*"))

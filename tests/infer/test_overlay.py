@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vlseg.errors import VlsegError
-from vlseg.infer.overlay import ALPHA, COLOURS, GAP, MAX_ASPECT, PANEL_MIN, mask_colour, save_overlay
+from vlseg.infer.overlay import ALPHA, BAND, COLOURS, GAP, LETTERS, MAX_ASPECT, PANEL_MIN, mask_colour, save_overlay
 
 SHAPE = (40, 30, 20)  # RAS: x (→ patient right), y (→ anterior), z (→ superior)
 
@@ -30,11 +30,15 @@ def render(tmp_path, masks, image=None, spacing=(1.0, 1.0, 1.0), name="o.png", *
         return np.asarray(im.convert("RGB"))
 
 
-def panel_widths(shape=SHAPE, spacing=(1.0, 1.0, 1.0), height=PANEL_MIN):
+def extents_mm(shape=SHAPE, spacing=(1.0, 1.0, 1.0)):
+    """(across, down) in mm of the axial (x, y), coronal (x, z) and sagittal (y, z) panels."""
     (nx, ny, nz), (sx, sy, sz) = shape, spacing
-    return [round(height * nx * sx / (ny * sy)),   # axial: x across, y down
-            round(height * nx * sx / (nz * sz)),   # coronal: x across, z down
-            round(height * ny * sy / (nz * sz))]   # sagittal: y across, z down
+    return [(nx * sx, ny * sy), (nx * sx, nz * sz), (ny * sy, nz * sz)]
+
+
+def panel_widths(shape=SHAPE, spacing=(1.0, 1.0, 1.0), height=PANEL_MIN):
+    """Square mm pixels at the panel height, the panel between half and twice as wide as tall."""
+    return [min(max(round(height * w / h), height // 2), 2 * height) for w, h in extents_mm(shape, spacing)]
 
 
 def panels(png, widths, height=PANEL_MIN):
@@ -93,6 +97,67 @@ def test_small_volumes_are_upscaled_and_tall_ones_kept(tmp_path):
 def test_near_flat_volumes_have_capped_panel_width(tmp_path):
     flat = render(tmp_path, {}, image=np.zeros((60, 60, 2), np.float32))  # coronal/sagittal are 60 x 2 mm
     assert flat.shape[1] == round(256 * 60 / 60) + 2 * MAX_ASPECT * 256 + 2 * GAP
+
+
+THIN_AND_LONG = [
+    ((160, 128, 4), (1.953125, 1.953125, 2.0)),  # patient B's series as tests/data holds it: 4 slices, 8 mm
+    ((256, 256, 20), (1.5, 1.5, 2.0)),           # a 4 cm DICOM series
+    ((64, 64, 1), (1.0, 1.0, 1.0)),              # one slice
+    ((30, 20, 600), (1.0, 1.0, 1.0)),            # a very long, narrow scan
+    ((96, 80, 700), (2.0, 2.0, 1.5)),            # a whole body
+]
+
+
+@pytest.mark.parametrize("shape,spacing", THIN_AND_LONG)
+def test_thin_and_long_scans_keep_square_mm_pixels_in_bounded_panels(tmp_path, shape, spacing):
+    """No stretching: each slice keeps its mm proportions (a thin slab shows as the strip it is, letterboxed), and
+    every panel frame stays between half and twice as wide as it is tall."""
+    png = render(tmp_path, {"all": np.ones(shape, bool)}, image=np.zeros(shape, np.float32), spacing=spacing)
+    height = int(min(max(shape[1], shape[2], 256), 512))
+    frames = panel_widths(shape, spacing, height)
+    assert png.shape[1] == sum(frames) + 2 * GAP and png.shape[0] < height + 60
+    x = 0
+    for frame, (w_mm, h_mm) in zip(frames, extents_mm(shape, spacing)):
+        rows, cols = where(png[:height, x:x + frame], COLOURS[0])  # the contour of a mask filling the slice
+        h_px, w_px = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+        scale = min(height / h_mm, 2 * height / w_mm)  # pixels per mm, the same both ways
+        assert abs(w_px - w_mm * scale) <= 1 and abs(h_px - h_mm * scale) <= 1, (frame, w_px, h_px)
+        assert abs((rows.min() + rows.max()) / 2 - (height - 1) / 2) <= 1  # centred in its frame
+        assert abs((cols.min() + cols.max()) / 2 - (frame - 1) / 2) <= 1
+        if h_px < height - 1 or w_px < frame - 1:  # letterboxed: a band, not the scan, around the slice
+            assert tuple(png[0 if h_px < height - 1 else height // 3, x]) == BAND
+        x += frame + GAP
+
+
+def _letter_crops(png, frames, height, r=9):
+    """Pixels around the four edge midpoints of each panel frame: {(panel, side): crop}."""
+    crops, x = {}, 0
+    for name, frame in zip(("axial", "coronal", "sagittal"), frames):
+        p, cx, cy = png[:height, x:x + frame], frame // 2, height // 2
+        crops[name, "top"], crops[name, "bottom"] = p[:2 * r, cx - r:cx + r], p[height - 2 * r:, cx - r:cx + r]
+        crops[name, "left"], crops[name, "right"] = p[cy - r:cy + r, :2 * r], p[cy - r:cy + r, frame - 2 * r:]
+        x += frame + GAP
+    return crops
+
+
+@pytest.mark.parametrize("shape,spacing", [(SHAPE, (1.0, 1.0, 1.0)), THIN_AND_LONG[0]])
+def test_every_panel_has_its_orientation_letters_on_both_sides(tmp_path, shape, spacing):
+    """Radiological convention: axial R|L and A over P, coronal R|L and S over I, sagittal A|P and S over I.  Read
+    from the pixels: a letter is drawn at each edge of each panel, and two positions show the same glyph exactly
+    when the convention puts the same letter there."""
+    expected = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+    assert LETTERS == expected  # (top, bottom, left, right), what is drawn
+    png = render(tmp_path, {}, image=np.zeros(shape, np.float32), spacing=spacing)
+    crops = _letter_crops(png, panel_widths(shape, spacing), PANEL_MIN)
+    letters = {(n, side): expected[n][i] for n in expected for i, side in enumerate(("top", "bottom", "left", "right"))}
+    for key, crop in crops.items():
+        light = crop.min(axis=-1) > 150  # a light letter on the dark scan or band
+        assert light.sum() > 5, key
+        rows, cols = np.nonzero(light)
+        crops[key] = light[rows.min():rows.max() + 1, cols.min():cols.max() + 1]  # the glyph alone
+    for a in crops:
+        for b in crops:
+            assert np.array_equal(crops[a], crops[b]) == (letters[a] == letters[b]), (a, b)
 
 
 # --- orientation ----------------------------------------------------------------------------------------------------

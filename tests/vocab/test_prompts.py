@@ -6,7 +6,7 @@ import pytest
 
 from vlseg.errors import VlsegError
 from vlseg.models.text import build_text_encoder
-from vlseg.vocab.prompts import canonical_form, interpret_prompts, wording_variants
+from vlseg.vocab.prompts import canonical_form, interpret_prompts, negation, wording_variants
 from vlseg.vocab.vocabulary import Vocabulary
 
 CLASSES = {"liver", "liver tumor", "spleen", "heart", "right lung", "left lung", "lung tumor", "brain"}
@@ -74,3 +74,40 @@ def test_closed_vocabulary_models_refuse_free_text():
     assert interpret_prompts(["Liver tumours"], vocab, onehot)[0].vocabulary_class == "liver tumor"
     with pytest.raises(VlsegError, match="only its vocabulary's classes"):
         interpret_prompts(["cardiac muscle"], vocab, onehot)
+
+
+NEGATED = [
+    ("not the liver", "not"), ("No liver", "no"), ("liver without tumour", "without"),
+    ("every organ except the liver", "except"), ("non-liver tissue", "non"), ("non liver", "non"),
+    ("lungs excluding the heart", "excluding"), ("anything other than the spleen", "other than"),
+    ("the liver, which isn’t the spleen", "isn't"),
+]
+
+
+@pytest.mark.parametrize("typed,cue", NEGATED)
+def test_negation_is_refused_in_one_line(vocab_and_encoder, typed, cue):
+    vocab, enc = vocab_and_encoder
+    with pytest.raises(VlsegError) as err:
+        interpret_prompts(["spleen", typed], vocab, enc)
+    message = str(err.value)
+    assert message.startswith(f"prompt {typed!r}: vlseg does not understand negation ({cue!r})"), message
+    assert "\n" not in message and "'spleen'" not in message.split(":")[0]
+
+
+def test_words_that_merely_contain_a_negation_are_none():
+    assert [negation(t) for t, _ in NEGATED] == [cue for _, cue in NEGATED]
+    for typed in ("lung nodule", "notched liver", "nonsense", "Nonne's node", "annotation", "cannot"):
+        assert negation(typed) is None, typed
+    vocab = Vocabulary.load("default")
+    assert not [t for n in vocab.names for t in [n, *vocab.synonyms[n], *vocab.heldout[n]] if negation(t)]
+
+
+def test_class_names_that_contain_a_negation_are_asked_as_their_class():
+    vocab = Vocabulary.from_dict({"classes": [
+        {"name": "non-enhancing tumor", "synonyms": ["non-enhancing tumor", "tumor without enhancement"]},
+        {"name": "enhancing tumor"}]}, "test")
+    onehot = build_text_encoder({"name": "onehot"}, vocab)
+    for typed in ("Non-enhancing tumours", "tumour without enhancement"):
+        assert interpret_prompts([typed], vocab, onehot)[0].vocabulary_class == "non-enhancing tumor"
+    with pytest.raises(VlsegError, match="does not understand negation"):
+        interpret_prompts(["not the enhancing tumor"], vocab, onehot)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from vlseg.errors import run_guarded
 
-def main(argv=None) -> int:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlseg demo", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--phantoms", action="store_true", help="use the phantom corpus instead of real scans")
@@ -23,61 +24,76 @@ def main(argv=None) -> int:
     parser.add_argument("--downloads", default="data/downloads", help="where package files are kept (real scans)")
     parser.add_argument("--out", default="outputs/demo", help="where the prompted masks are written")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def corpus(args) -> Path:
+    """Step 1: the corpus' manifest, built when it is not there yet."""
+    data = Path(args.data or ("data/phantoms" if args.phantoms else "data/real"))
+    manifest = data / "manifest.jsonl"
+    if manifest.is_file():
+        print(f"[1/5] corpus found: {manifest}")
+    elif args.phantoms:
+        from vlseg.prepare.phantoms import generate_corpus
+
+        print(f"[1/5] generating the phantom corpus in {data}")
+        generate_corpus(data)
+    else:
+        from vlseg.prepare.samples import build
+
+        print(f"[1/5] building the real-scan corpus in {data} from public pip packages")
+        build(data, Path(args.downloads))
+    return manifest
+
+
+def ask(segmenter, manifest: Path, out: Path) -> None:
+    """Step 5: "liver tumor" and "liver" on a test case with a tumour and on one without, and where the files went."""
+    from vlseg.prepare.manifest import read_manifest
+
+    test_cases = read_manifest(manifest, split="test")
+    asked = [c for c in test_cases if c.present.get("liver tumor")][:1] or test_cases[:1]
+    asked += [c for c in test_cases if "liver tumor" not in c.classes and c.present.get("liver")][:1]
+    for case in asked:
+        print(f"[5/5] asking for 'liver tumor' and 'liver' on {case.case_id} ({case.image.name})")
+        result = segmenter.segment(case.image, ["liver tumor", "liver"], modality=case.modality)
+        files = result.save(out / case.case_id)
+        for r in result.results:
+            verdict = ("judged absent: empty mask" if r.presence_probability < segmenter.presence_threshold
+                       else "present" if r.present else "present, but no voxel above the mask threshold")
+            print(f"  {r.prompt!r}: presence {r.presence_probability:.2f} ({verdict}), {r.volume_ml:.1f} ml")
+        print(f"  masks:   {files['liver tumor']}\n           {files['liver']}\n  report:  {files['report']}\n"
+              f"  overlay: {files['overlay']}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     def go():
-        from vlseg.config import load_config
+        from vlseg.config import DataSection, TrainSection, load_config
         from vlseg.evaluate.evaluate import evaluate
         from vlseg.evaluate.report import format_table
         from vlseg.infer.segmenter import Segmenter
-        from vlseg.prepare.manifest import read_manifest
-        from vlseg.train.loop import cache_dir, load_training_cases, train
+        from vlseg.train.corpus import cache_dir, load_training_cases
+        from vlseg.train.loop import train
 
         t0 = time.perf_counter()
-        data = Path(args.data or ("data/phantoms" if args.phantoms else "data/real"))
+        manifest = corpus(args)
         config = args.config or ("phantom" if args.phantoms else "real")  # shipped configs (vlseg.config.config_path)
-        manifest = data / "manifest.jsonl"
-        if manifest.is_file():
-            print(f"[1/5] corpus found: {manifest}")
-        elif args.phantoms:
-            from vlseg.prepare.phantoms import generate_corpus
-
-            print(f"[1/5] generating the phantom corpus in {data}")
-            generate_corpus(data)
-        else:
-            from vlseg.prepare.samples import build
-
-            print(f"[1/5] building the real-scan corpus in {data} from public pip packages")
-            build(data, Path(args.downloads))
         cfg = load_config(config, [f"data.manifest={manifest}", *args.overrides])
-
-        print(f"[2/5] preprocessing the training cases into {cache_dir(cfg)}")
+        data = DataSection.from_config(cfg)
+        print(f"[2/5] preprocessing the training cases into {cache_dir(data)}")
         t_prep = time.perf_counter()
         # the same call training makes (one-line error for a case that fails); training then finds the cache current
-        cases = load_training_cases(cfg, cfg["data"]["train_split"])
+        cases = load_training_cases(data, data.train_split)
         print(f"      {len(cases)} case(s) ready ({time.perf_counter() - t_prep:.0f} s)")
-        print(f"[3/5] training {cfg['run_name']} for {cfg['train']['steps']} steps")
+        print(f"[3/5] training {cfg['run_name']} for {TrainSection.from_config(cfg).steps} steps")
         t_train = time.perf_counter()
         run_dir = train(cfg, overwrite=True)
         t_trained = time.perf_counter()
         print("[4/5] evaluating on the held-out test cases")
         segmenter = Segmenter.from_pretrained(run_dir)
-        summary = evaluate(segmenter, manifest, "test", run_dir / "eval-test")
-        print(format_table(summary))
-        test_cases = read_manifest(manifest, split="test")
-        asked = [c for c in test_cases if c.present.get("liver tumor")][:1] or test_cases[:1]
-        asked += [c for c in test_cases if "liver tumor" not in c.classes and c.present.get("liver")][:1]
-        for case in asked:
-            print(f"[5/5] asking for 'liver tumor' and 'liver' on {case.case_id} ({case.image.name})")
-            result = segmenter.segment(case.image, ["liver tumor", "liver"], modality=case.modality)
-            files = result.save(Path(args.out) / case.case_id)
-            threshold = float(segmenter.config["inference"]["presence_threshold"])
-            for r in result.results:
-                verdict = ("judged absent: empty mask" if r.presence_probability < threshold
-                           else "present" if r.present else "present, but no voxel above the mask threshold")
-                print(f"  {r.prompt!r}: presence {r.presence_probability:.2f} ({verdict}), {r.volume_ml:.1f} ml")
-            print(f"  masks:   {files['liver tumor']}\n           {files['liver']}\n  report:  {files['report']}\n"
-                  f"  overlay: {files['overlay']}")
+        print(format_table(evaluate(segmenter, manifest, "test", run_dir / "eval-test")))
+        ask(segmenter, manifest, Path(args.out))
         print(f"scores:  {run_dir / 'eval-test' / 'summary.json'} (per case: per_case.csv)\n"
               f"model:   {run_dir}  (vlseg predict -m {run_dir} -i scan.nii.gz -p 'liver tumor' -o out/)\n"
               f"time: corpus {t_prep - t0:.0f} s, preprocessing {t_train - t_prep:.0f} s, "

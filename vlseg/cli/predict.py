@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 from vlseg.errors import VlsegError, run_guarded
-
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+from vlseg.io.readers import scan_suffixes
 
 
 def case_name(path: Path) -> str:
     name = path.name
-    for suffix in sorted(SCAN_SUFFIXES, key=len, reverse=True):
+    for suffix in scan_suffixes():  # longest first
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -35,7 +34,8 @@ def list_inputs(source: str | Path) -> list[Path] | None:
     if not source.is_dir():
         return None
     entries = sorted(p for p in source.iterdir() if not p.name.startswith("."))
-    cases = [p for p in entries if p.is_dir() or p.name.lower().endswith(SCAN_SUFFIXES)]
+    suffixes = scan_suffixes()
+    cases = [p for p in entries if p.is_dir() or p.name.lower().endswith(suffixes)]
     if not cases:
         return None
     names = [case_name(p) for p in cases]
@@ -52,6 +52,20 @@ def select_part(cases: list, num_parts: int, part_id: int) -> list:
     return cases[part_id::num_parts]
 
 
+def checked_prompts(prompts, model) -> list[str]:
+    """The prompts validated, and refused in one line if one negates ("not the liver", see ``refuse_negation``; a
+    class of the model's vocabulary such as "non-enhancing tumor" is kept).  Reads only the checkpoint's metadata:
+    this runs before any scan is read."""
+    from vlseg.checkpoint import read_metadata, resolve_checkpoint
+    from vlseg.vocab.prompts import refuse_negation, validate_prompts
+    from vlseg.vocab.vocabulary import Vocabulary
+
+    prompts = validate_prompts(prompts)
+    checkpoint = resolve_checkpoint(model)
+    refuse_negation(prompts, Vocabulary.from_dict(read_metadata(checkpoint)["vocabulary"], str(checkpoint)))
+    return prompts
+
+
 def describe(r, presence_threshold: float) -> str:
     m = r.match
     if m is None or m.how in ("name", "as written"):
@@ -66,7 +80,7 @@ def describe(r, presence_threshold: float) -> str:
     return f"{r.prompt!r}{asked}: presence {r.presence_probability:.2f}, {verdict}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlseg predict", description="Segment 3D scans with text prompts.",
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,30 +110,51 @@ def main(argv=None) -> int:
     parser.add_argument("--no-overlay", action="store_true")
     parser.add_argument("--num-parts", type=int, default=1, help="split a folder into this many parts ...")
     parser.add_argument("--part-id", type=int, default=0, help="... and process this one (0-based)")
-    args = parser.parse_args(argv)
-    failures = []
+    return parser
+
+
+def plan(args) -> tuple[list[str], list[tuple[Path, Path, object]], bool, tuple | None]:
+    """Everything checked before the model is loaded: the prompts, the cases ``(source, out_dir, scan or None)``
+    (a single scan is read now), whether the input is a folder of cases, and the working spacing asked for."""
+    from vlseg.infer.segmenter import parse_spacing
+
+    prompts = checked_prompts(args.prompt, args.model)
+    cases = list_inputs(args.input)
+    if cases is not None:
+        cases = select_part(cases, args.num_parts, args.part_id)
+    elif args.num_parts != 1:
+        raise VlsegError(f"{args.input}: --num-parts splits a folder of scans; this is a single scan")
+    spacing = parse_spacing(args.spacing) if args.spacing is not None else None
+    if args.fast and spacing is not None:
+        raise VlsegError("--fast and --spacing both set the working spacing: give one")
+    if cases is None:  # one scan: check it before importing and loading the model
+        from vlseg.io.scan import load_scan
+
+        return prompts, [(Path(args.input), Path(args.output), load_scan(args.input))], False, spacing
+    return prompts, [(c, Path(args.output) / case_name(c), None) for c in cases], True, spacing
+
+
+def answer(segmenter, args, prompts, source: Path, out_dir: Path, scan, head: str) -> None:
+    """Segment one case, write its files and say, one line per prompt, what was found and where it went."""
+    result = segmenter.segment(scan if scan is not None else source, prompts, modality=args.modality, tta=args.tta,
+                               coarsen=1.5 if args.fast else 1.0, coarse_to_fine=args.coarse_to_fine)
+    files = result.save(out_dir, overlay=not args.no_overlay, multilabel=args.multilabel, statistics=args.statistics)
+    stats = {row["prompt"]: row for row in result.statistics()} if args.statistics else {}
+    for r in result.results:
+        extra = ""
+        if r.prompt in stats and stats[r.prompt]["mean_intensity"] is not None:
+            extra = f", mean intensity {stats[r.prompt]['mean_intensity']:.1f}"
+        print(f"{head}{describe(r, segmenter.presence_threshold)}{extra} -> {files[r.prompt]}")
+    for key in ("labels", "statistics", "report", "overlay"):
+        if key in files:
+            print(f"{head}{key}: {files[key]}")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     def go():
-        from vlseg.vocab.prompts import validate_prompts
-
-        prompts = validate_prompts(args.prompt)
-        cases = list_inputs(args.input)
-        if cases is not None:
-            cases = select_part(cases, args.num_parts, args.part_id)
-        elif args.num_parts != 1:
-            raise VlsegError(f"{args.input}: --num-parts splits a folder of scans; this is a single scan")
-        from vlseg.infer.segmenter import parse_spacing
-
-        spacing = parse_spacing(args.spacing) if args.spacing is not None else None
-        if args.fast and spacing is not None:
-            raise VlsegError("--fast and --spacing both set the working spacing: give one")
-        if cases is None:  # one scan: check it before importing and loading the model
-            from vlseg.io.scan import load_scan
-
-            single = load_scan(args.input)
-        from vlseg.checkpoint import resolve_checkpoint
-
-        resolve_checkpoint(args.model)
+        prompts, todo, folder, spacing = plan(args)
         import torch
 
         if args.threads:
@@ -128,33 +163,18 @@ def main(argv=None) -> int:
 
         segmenter = Segmenter.from_pretrained(args.model, device=args.device, spacing=spacing)
         segmenter.understand(prompts)  # a nonsense prompt stops here, before any scan is read
-        todo = [(Path(args.input), Path(args.output), single)] if cases is None else [
-            (c, Path(args.output) / case_name(c), None) for c in cases]
+        failures = 0
         for i, (source, out_dir, scan) in enumerate(todo, 1):
-            head = f"[{i}/{len(todo)}] {source.name}: " if cases is not None else ""
+            head = f"[{i}/{len(todo)}] {source.name}: " if folder else ""
             try:
-                result = segmenter.segment(scan if scan is not None else source, prompts, modality=args.modality,
-                                           tta=args.tta, coarsen=1.5 if args.fast else 1.0,
-                                           coarse_to_fine=args.coarse_to_fine)
-                files = result.save(out_dir, overlay=not args.no_overlay, multilabel=args.multilabel,
-                                    statistics=args.statistics)
+                answer(segmenter, args, prompts, source, out_dir, scan, head)
             except VlsegError as exc:
-                if cases is None:
+                if not folder:
                     raise
-                failures.append(str(exc))
+                failures += 1
                 print(f"{head}error: {exc}", file=sys.stderr, flush=True)
-                continue
-            stats = {row["prompt"]: row for row in result.statistics()} if args.statistics else {}
-            for r in result.results:
-                extra = ""
-                if r.prompt in stats and stats[r.prompt]["mean_intensity"] is not None:
-                    extra = f", mean intensity {stats[r.prompt]['mean_intensity']:.1f}"
-                print(f"{head}{describe(r, segmenter.presence_threshold)}{extra} -> {files[r.prompt]}")
-            for key in ("labels", "statistics", "report", "overlay"):
-                if key in files:
-                    print(f"{head}{key}: {files[key]}")
         if failures:
-            raise VlsegError(f"{len(failures)} of {len(todo)} case(s) failed (see above)")
+            raise VlsegError(f"{failures} of {len(todo)} case(s) failed (see above)")
 
     return run_guarded(go)
 

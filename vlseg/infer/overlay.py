@@ -2,13 +2,17 @@
 
 Layout (left to right): axial | coronal | sagittal, every panel ``panel_height`` pixels tall (256 for volumes up to
 256 voxels along the displayed vertical axes, up to 512 for larger ones), separated by ``GAP`` black columns, with a
-legend below (the title, then each prompt's colour swatch and name).  Each panel is resized so that its pixels are
-square in mm, so its width is ``round(panel_height * width_mm / height_mm)`` (capped at ``MAX_ASPECT`` times the
-height for degenerate, near-flat volumes).
+legend below (the title, then each prompt's colour swatch and name).  A slice is never stretched: its pixels are
+square in mm.  It fills the panel's height, so the panel is ``round(panel_height * width_mm / height_mm)`` wide,
+unless that is more than ``MAX_ASPECT`` times the height (a thin slab's coronal and sagittal slices): then it fills
+that width and is centred between bands, the strip it is.  A panel is at least ``MIN_ASPECT`` times as wide as
+tall (a very long scan's narrow slices are centred between bands), which leaves room for its letters.  The bands
+are dark blue-grey (``BAND``), so they read as no data rather than as the scan's black air.
 
 Display follows the radiological convention for an RAS-canonical array (axis 0 → patient Right, 1 → Anterior,
 2 → Superior): axial has anterior at the top and the patient's right on the viewer's left; coronal has superior at
 the top and the patient's right on the viewer's left; sagittal has superior at the top and anterior on the left.
+Each panel names the patient's direction at each of its four edges (``LETTERS``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,11 @@ ALPHA = 0.45          # opacity of a mask's fill; its 1-pixel contour is drawn s
 PANEL_MIN = 256       # smallest panel height in pixels
 PANEL_MAX = 512       # largest panel height in pixels
 GAP = 4               # black columns between panels
-MAX_ASPECT = 4.0      # a panel is at most this many times wider than tall
+MAX_ASPECT = 2.0      # a panel is at most this many times wider than tall ...
+MIN_ASPECT = 0.5      # ... and at least this fraction of its height wide
+# The patient's direction at the top, bottom, left and right edge of each panel (radiological convention).
+LETTERS = {"axial": ("A", "P", "R", "L"), "coronal": ("S", "I", "R", "L"), "sagittal": ("S", "I", "A", "P")}
+BAND = (22, 26, 40)   # the bands beside a slice narrower or flatter than its panel: "no data", not black air
 _MAX_PERCENTILE_SAMPLES = 2_000_000
 _TEXT = (235, 235, 235)
 _TITLE = (200, 200, 200)
@@ -126,27 +134,38 @@ def _views(centre, spacing):
     """One entry per panel; ``take`` turns a 3D RAS array into the displayed 2D slice."""
     cx, cy, cz = centre
     sx, sy, sz = spacing
-    # (name, take, mm per pixel (rows, cols), letter at the top, letter at the left, slice caption)
+    # (name, take, mm per pixel (rows, cols), slice caption); the letters at the edges are ``LETTERS[name]``
     return [
         # axial: a[:, :, z] is (x, y); transpose to rows=y, cols=x; flip rows so anterior (high y) is at the top.
         # RAS x grows towards the patient's right; columns are flipped so the right (high x) is on the viewer's left,
         # the radiological convention.
-        ("axial", lambda a: a[:, :, cz].T[::-1, ::-1], (sy, sx), "A", "R", f"axial z={cz}"),
+        ("axial", lambda a: a[:, :, cz].T[::-1, ::-1], (sy, sx), f"axial z={cz}"),
         # coronal: a[:, y, :] is (x, z); rows=z flipped (superior on top), cols=x flipped (patient right on the left).
-        ("coronal", lambda a: a[:, cy, :].T[::-1, ::-1], (sz, sx), "S", "R", f"coronal y={cy}"),
+        ("coronal", lambda a: a[:, cy, :].T[::-1, ::-1], (sz, sx), f"coronal y={cy}"),
         # sagittal: a[x, :, :] is (y, z); rows=z flipped (superior on top), cols=y flipped (anterior on the left).
-        ("sagittal", lambda a: a[cx, :, :].T[::-1, ::-1], (sz, sy), "S", "A", f"sagittal x={cx}"),
+        ("sagittal", lambda a: a[cx, :, :].T[::-1, ::-1], (sz, sy), f"sagittal x={cx}"),
     ]
 
 
-def _panel_size(shape2d, px_mm, height: int) -> tuple[int, int]:
-    rows, cols = shape2d
-    width = height * (cols * px_mm[1]) / (rows * px_mm[0])
-    return max(1, min(round(width), round(MAX_ASPECT * height))), height
+def _panel_layout(shape2d, px_mm, height: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(panel size, slice size, slice offset in the panel), sizes as (w, h): the slice keeps square mm pixels and
+    fills the height, or ``MAX_ASPECT`` times the height across when that is narrower; it is centred in a panel at
+    least ``MIN_ASPECT`` times the height wide."""
+    h_mm, w_mm = shape2d[0] * px_mm[0], shape2d[1] * px_mm[1]
+    width = round(height * w_mm / h_mm)
+    if width > round(MAX_ASPECT * height):
+        width = round(MAX_ASPECT * height)
+        size = (width, min(height, max(1, round(width * h_mm / w_mm))))
+    else:
+        size = (max(1, width), height)
+    frame = (max(size[0], round(MIN_ASPECT * height)), height)
+    return frame, size, ((frame[0] - size[0]) // 2, (height - size[1]) // 2)
 
 
-def _render_panel(grey: np.ndarray, masks: list[np.ndarray], colours, size) -> Image.Image:
-    """Grey slice and its masks (2D, display orientation) resized to ``size`` (w, h), masks blended on top."""
+def _render_panel(grey: np.ndarray, masks: list[np.ndarray], colours, layout) -> Image.Image:
+    """Grey slice and its masks (2D, display orientation) resized as ``layout`` says (see ``_panel_layout``), masks
+    blended on top, centred on a panel of ``BAND``."""
+    frame, size, offset = layout
     grey_img = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32))  # mode "F"
     big = np.asarray(grey_img.resize(size, Image.BILINEAR), dtype=np.float32)
     rgb = np.repeat(np.clip(big, 0, 255)[..., None], 3, axis=-1)
@@ -161,7 +180,9 @@ def _render_panel(grey: np.ndarray, masks: list[np.ndarray], colours, size) -> I
         edges.append((big_m & ~ndimage.binary_erosion(big_m), c))
     for edge, c in edges:  # contours after all fills, so overlapping masks keep visible outlines
         rgb[edge] = c
-    return Image.fromarray(np.rint(rgb).astype(np.uint8))  # mode "RGB"
+    panel = Image.new("RGB", frame, BAND)
+    panel.paste(Image.fromarray(np.rint(rgb).astype(np.uint8)), offset)
+    return panel
 
 
 def _font(size: int):
@@ -184,7 +205,7 @@ def _label(draw: ImageDraw.ImageDraw, xy, text: str, font, anchor: str) -> None:
         x, y = xy
         box = draw.textbbox((0, 0), text, font=font)
         w, h = box[2] - box[0], box[3] - box[1]
-        x -= {"l": 0, "m": w // 2}.get(anchor[0], 0)
+        x -= {"l": 0, "m": w // 2, "r": w}.get(anchor[0], 0)
         y -= {"a": 0, "m": h // 2, "d": h}.get(anchor[1], 0)
         draw.text((x, y), text, fill=_TEXT, font=font)
 
@@ -224,6 +245,21 @@ def _legend_items(draw, font, names, colours, empty, title, width, swatch, pad):
     return items, (row + 1 if items else 0)
 
 
+def _panel_labels(draw, x: int, width: int, height: int, letters, caption: str, font) -> None:
+    """A panel's orientation letters at the middle of its four edges (top, bottom, left, right), and which slice it
+    shows in the bottom-left corner, kept clear of the bottom letter (just "z=12" in a narrow panel, or nothing)."""
+    top, bottom, left, right = letters
+    _label(draw, (x + width // 2, 2), top, font, "ma")
+    _label(draw, (x + width // 2, height - 3), bottom, font, "md")
+    _label(draw, (x + 3, height // 2), left, font, "lm")
+    _label(draw, (x + width - 3, height // 2), right, font, "rm")
+    room = width // 2 - _text_width(draw, bottom, font) // 2 - 12
+    for text in (caption, caption.split()[-1]):
+        if _text_width(draw, text, font) <= room:
+            _label(draw, (x + 3, height - 3), text, font, "ld")
+            break
+
+
 def save_overlay(image: np.ndarray, masks: dict[str, np.ndarray], path, spacing=(1.0, 1.0, 1.0),
                  title: str | None = None, window: tuple[float, float] | None = None) -> Path:
     """Write a PNG of three orthogonal slices of ``image`` with ``masks`` overlaid; returns the path written.
@@ -243,10 +279,10 @@ def save_overlay(image: np.ndarray, masks: dict[str, np.ndarray], path, spacing=
     lo, hi = window if window is not None else _auto_window(image)
 
     views = _views(_centre(mask_list, image.shape), spacing)
-    slices = [(take(image), [take(m).astype(bool) for m in mask_list], px) for _, take, px, *_ in views]
+    slices = [(take(image), [take(m).astype(bool) for m in mask_list], px) for _, take, px, _ in views]
     native_rows = max(s.shape[0] for s, _, _ in slices)
     height = int(min(max(native_rows, PANEL_MIN), PANEL_MAX))
-    panels = [_render_panel(_to_grey(s, lo, hi), ms, colours, _panel_size(s.shape, px, height))
+    panels = [_render_panel(_to_grey(s, lo, hi), ms, colours, _panel_layout(s.shape, px, height))
               for s, ms, px in slices]
 
     width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
@@ -267,14 +303,8 @@ def save_overlay(image: np.ndarray, masks: dict[str, np.ndarray], path, spacing=
     draw = ImageDraw.Draw(canvas)
     small = _font(max(10, height // 26))
     x = 0
-    for p, (_, _, _, top, left, caption) in zip(panels, views):
-        # orientation letters at the top and left edges, and which slice is shown, in the bottom-left corner
-        _label(draw, (x + p.width // 2, 2), top, small, "ma")
-        _label(draw, (x + 3, height // 2), left, small, "lm")
-        for text in (caption, caption.split()[-1]):  # "axial z=12", or just "z=12" in a narrow panel
-            if _text_width(draw, text, small) <= p.width - 6:
-                _label(draw, (x + 3, height - 3), text, small, "ld")
-                break
+    for p, (name, _, _, caption) in zip(panels, views):
+        _panel_labels(draw, x, p.width, height, LETTERS[name], caption, small)
         x += p.width + GAP
     for ix, row, kind, text, colour in items:
         y = height + pad // 2 + row * line_h + 4

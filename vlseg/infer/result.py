@@ -15,7 +15,7 @@ import numpy as np
 from vlseg.infer.stitching import BoxMask
 from vlseg.io.scan import Scan
 from vlseg.io.writers import save_like
-from vlseg.vocab.prompts import PromptMatch, slug
+from vlseg.vocab.prompts import PromptMatch, file_stems
 
 
 @dataclass
@@ -96,7 +96,9 @@ class SegmentationResult:
              statistics: bool = False) -> dict[str, Path]:
         """Write one uint8 NIfTI per prompt (input geometry), ``report.json`` and ``overlay.png``; with ``multilabel``
         also ``labels.nii.gz`` and its names table ``labels.json`` (see ``label_map``); with ``statistics``,
-        ``statistics.csv`` (see ``statistics``, also added to the report).
+        ``statistics.csv`` (see ``statistics``, also added to the report).  A prompt's file is named by its slug,
+        short and distinct however long the prompt (``vlseg.vocab.prompts.file_stems``); the report keeps the prompt
+        as typed.
 
         Files are written into a temporary folder beside ``out_dir`` and moved in only when all succeeded.
         """
@@ -106,13 +108,9 @@ class SegmentationResult:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".vlseg-", dir=out_dir.parent))
         try:
-            names, files = {}, {}
+            stems = file_stems(r.prompt for r in self.results)
+            files = {p: f"{stem}.nii.gz" for p, stem in stems.items()}
             for r in self.results:
-                name = slug(r.prompt)
-                while name in names.values():
-                    name += "_"
-                names[r.prompt] = name
-                files[r.prompt] = f"{name}.nii.gz"
                 save_like(r.mask, self.scan, tmp / files[r.prompt])
             written = {p: out_dir / f for p, f in files.items()}
             if overlay:

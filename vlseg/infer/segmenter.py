@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlseg.config import DataSection, InferenceSection
 from vlseg.infer.result import PromptResult, SegmentationResult
-from vlseg.infer.stitching import BoxMask, bounding_box, stitch, upsample_box
+from vlseg.infer.stitching import BoxMask, stitch, upsample_box
 from vlseg.io.scan import load_scan
 from vlseg.models.network import network_from_checkpoint
-from vlseg.transforms.intensity import normalize_intensity
-from vlseg.transforms.spatial import positive_triple, resample_to_shape, resample_to_spacing
+from vlseg.transforms.boxes import mask_box
+from vlseg.transforms.frame import to_model_frame
+from vlseg.transforms.spatial import positive_triple, resample_to_shape
 from vlseg.vocab.prompts import PromptMatch, interpret_prompts, validate_prompts
 
 
@@ -34,15 +36,6 @@ def parse_spacing(value) -> tuple[float, float, float]:
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = list(value) * 3
     return positive_triple(value, "the spacing (mm)", where="spacing")
-
-
-def working_spacing(dcfg: dict):
-    """The spacing the model predicts at: recorded by training (``inference_spacing``), else a fixed
-    ``target_spacing``; None keeps the scan's own grid."""
-    if dcfg.get("inference_spacing"):
-        return dcfg["inference_spacing"]
-    target = dcfg.get("target_spacing")
-    return target if isinstance(target, (list, tuple)) else None
 
 
 class Segmenter:
@@ -76,13 +69,17 @@ class Segmenter:
         return self.text_encoder.encode(prompts).to(self.device)
 
     @property
+    def settings(self) -> InferenceSection:
+        return InferenceSection.from_config(self.config)
+
+    @property
     def presence_threshold(self) -> float:
-        return float(self.config["inference"]["presence_threshold"])
+        return self.settings.presence_threshold
 
     def _stitch(self, x: torch.Tensor, prompt_ids: list[int], emb: torch.Tensor, tta: bool, region=None):
         """Windows over ``x`` with the backbone run once per window (and mirroring) for every prompt in
-        ``prompt_ids``; see ``vlseg.stitching.stitch``."""
-        icfg, dcfg = self.config["inference"], self.config["data"]
+        ``prompt_ids``; see ``vlseg.infer.stitching.stitch``."""
+        settings = self.settings
         emb = emb[:, prompt_ids]
         # Mirrorings as dims of [B, C, X, Y, Z] (the masks [B, Q, X, Y, Z] flip back on the same dims).
         flips = [()] + ([(3,), (4,)] if tta else [])
@@ -94,21 +91,41 @@ class Segmenter:
         def decode(features, start: int, stop: int):
             probs = presence = 0.0
             for f, feats in zip(flips, features):
-                out = self.net.decode(feats, emb[:, start:stop].expand(feats.voxel_embedding.shape[0], -1, -1))
-                p = torch.sigmoid(out["mask_logits"].float())
+                out = self.net.decode(feats, emb[:, start:stop].expand(feats.batch_size, -1, -1))
+                p = torch.sigmoid(out.mask_logits.float())
                 probs = probs + (p.flip(f) if f else p)
-                presence = presence + torch.sigmoid(out["presence_logits"].float())
+                presence = presence + torch.sigmoid(out.presence_logits.float())
             return probs / len(flips), presence / len(flips)
 
-        return stitch(x, tuple(dcfg["crop_size"]), float(icfg["overlap"]), len(prompt_ids), encode, decode,
-                      batch_size=int(icfg["sw_batch_size"]), prompt_chunk=int(icfg.get("prompt_chunk", 16)),
-                      region=region)
+        return stitch(x, DataSection.from_config(self.config).crop_size, settings.overlap, len(prompt_ids), encode,
+                      decode, batch_size=settings.sw_batch_size, prompt_chunk=settings.prompt_chunk, region=region)
 
     def understand(self, prompts) -> list[PromptMatch]:
-        """How each prompt will be asked (see ``vlseg.prompts.interpret_prompts``); a one-line error for prompts that
-        cannot be meant as a structure."""
-        return interpret_prompts(prompts, self.vocabulary, self.text_encoder,
-                                 float(self.config["inference"].get("min_prompt_similarity", 0.3)))
+        """How each prompt will be asked (see ``vlseg.vocab.prompts.interpret_prompts``); a one-line error for prompts
+        that cannot be meant as a structure."""
+        return interpret_prompts(prompts, self.vocabulary, self.text_encoder, self.settings.min_prompt_similarity)
+
+    def _coarse_pass(self, x: torch.Tensor, run, threshold: float, presence_threshold: float):
+        """A pass at twice the spacing: which prompts are there, the box (plus a quarter window) covering them, their
+        presence, and how many windows it took.  Returns ``(asked, region, presence, windows)``."""
+        coarse = resample_to_shape(x[0, 0].numpy(), [max(1, round(n / 2)) for n in x.shape[2:]], order=1)
+        n_prompts = run.keywords["emb"].shape[1]
+        stitcher, presence = run(torch.from_numpy(coarse)[None, None], list(range(n_prompts)))
+        asked, boxes = [], []
+        scale = np.asarray(x.shape[2:]) / np.asarray(coarse.shape)
+        margin = np.asarray(DataSection.from_config(self.config).crop_size) // 4
+        for q in range(n_prompts):
+            prob = stitcher.probability(q) if presence[q] >= presence_threshold else None
+            box = None if prob is None else mask_box(prob >= 0.5 * threshold)
+            if box is None:
+                continue
+            asked.append(q)
+            boxes.append((np.maximum(np.floor(box[0] * scale) - margin, 0),
+                          np.minimum(np.ceil(box[1] * scale) + margin, x.shape[2:])))
+        region = None
+        if boxes:
+            region = (np.min([b[0] for b in boxes], 0).astype(int), np.max([b[1] for b in boxes], 0).astype(int))
+        return asked, region, presence.clone(), len(stitcher.corners)
 
     @torch.no_grad()
     def segment(self, image, prompts, modality: str = "CT", threshold: float | None = None,
@@ -124,73 +141,52 @@ class Segmenter:
         prompts = validate_prompts(prompts)
         matches = self.understand(prompts) if interpret else [
             PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
-        icfg, dcfg = self.config["inference"], self.config["data"]
-        threshold = icfg["threshold"] if threshold is None else threshold
+        settings, data_cfg = self.settings, DataSection.from_config(self.config)
+        threshold = settings.threshold if threshold is None else threshold
         threshold_from = "argument" if presence_threshold is not None else (
             "calibration" if self.calibration else "config")
-        presence_threshold = icfg["presence_threshold"] if presence_threshold is None else presence_threshold
+        presence_threshold = settings.presence_threshold if presence_threshold is None else presence_threshold
         start = time.perf_counter()
         scan = load_scan(image)
-        data = normalize_intensity(scan.data, modality, tuple(dcfg["ct_window"]))
-        spacing = working_spacing(dcfg)
+        spacing = data_cfg.working_spacing()  # the rule training recorded it by
         if coarsen != 1.0:
             spacing = [float(coarsen) * float(v) for v in (spacing if spacing is not None else scan.spacing)]
-        if spacing is not None:
-            data = resample_to_spacing(data, scan.spacing, spacing, order=1)
+        data, frame = to_model_frame(scan, modality, data_cfg.ct_window, spacing)
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
         del data
-        emb = self.embed([m.query for m in matches])[None]  # [1, Q, D]
-
-        run = functools.partial(self._stitch, emb=emb, tta=tta)
-        asked = list(range(len(prompts)))  # which prompts the full-resolution pass decodes
-        region, windows = None, 0
+        run = functools.partial(self._stitch, emb=self.embed([m.query for m in matches])[None], tta=tta)
+        asked, region, windows = list(range(len(prompts))), None, 0  # which prompts the working-spacing pass decodes
         if coarse_to_fine:
-            # A pass at twice the spacing finds which targets are there and where; the pass at the working spacing
-            # then runs only over the windows covering them, and only for them.
-            coarse = resample_to_shape(x[0, 0].numpy(), [max(1, round(n / 2)) for n in x.shape[2:]], order=1)
-            coarse_stitcher, coarse_presence = run(torch.from_numpy(coarse)[None, None], list(asked))
-            windows += len(coarse_stitcher.corners)
-            asked, boxes = [], []
-            for q in range(len(prompts)):
-                prob = coarse_stitcher.probability(q) if coarse_presence[q] >= presence_threshold else None
-                box = None if prob is None else bounding_box(prob >= 0.5 * threshold)
-                if box is None:
-                    continue
-                asked.append(q)
-                scale = np.asarray(x.shape[2:]) / np.asarray(coarse.shape)
-                margin = np.asarray(dcfg["crop_size"]) // 4
-                boxes.append((np.maximum(np.floor(box[0] * scale) - margin, 0),
-                              np.minimum(np.ceil(box[1] * scale) + margin, x.shape[2:])))
-            if boxes:
-                region = (np.min([b[0] for b in boxes], 0).astype(int), np.max([b[1] for b in boxes], 0).astype(int))
-            presence = coarse_presence.clone()
+            asked, region, presence, windows = self._coarse_pass(x, run, threshold, presence_threshold)
         stitcher, fine_presence = run(x, asked, region=region) if asked else (None, torch.zeros(0))
         if not coarse_to_fine:
             presence = fine_presence
         else:  # found by the coarse pass: the working-spacing pass has the last word on presence too
             presence[asked] = fine_presence
         windows += len(stitcher.corners) if stitcher is not None else 0
-        voxel_ml = float(np.prod(scan.spacing)) / 1000.0
-        results = []
-        for q, prompt in enumerate(prompts):
-            p_present = float(presence[q])
-            mask = BoxMask(scan.data.shape)
-            # The presence head vetoes masks for targets it judges absent: no hallucinated organs.
-            prob = (stitcher.probability(asked.index(q)) if q in asked and p_present >= presence_threshold
-                    else None)
-            if prob is not None:
-                # Only the box where the mask can be positive is brought to the scan's grid (one prompt at a time).
-                offset, crop = upsample_box(prob, scan.data.shape, threshold)
-                mask = BoxMask(scan.data.shape, offset, crop)
-            voxels = mask.sum()
-            results.append(PromptResult(prompt, matches[q].vocabulary_class, p_present, voxels > 0, mask, voxels,
-                                        voxels * voxel_ml, matches[q]))
-        stats = {"accumulated_prompts": stitcher.allocated if stitcher is not None else 0, "windows": windows,
-                 "coarse_to_fine": bool(coarse_to_fine)}
-        window = tuple(dcfg["ct_window"]) if str(modality).upper() == "CT" else None
+        # The presence head vetoes masks for targets it judges absent: no hallucinated organs.
+        kept = [q in asked and float(presence[q]) >= presence_threshold for q in range(len(prompts))]
+        results = [self._result(scan, frame, prompt, matches[q], float(presence[q]),
+                                stitcher.probability(asked.index(q)) if kept[q] else None, threshold)
+                   for q, prompt in enumerate(prompts)]
+        window = data_cfg.ct_window if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device), "presence_threshold": presence_threshold,
                                          "presence_threshold_from": threshold_from,
                                          "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
                                          "tta": bool(tta),
-                                         **stats})
+                                         "accumulated_prompts": stitcher.allocated if stitcher is not None else 0,
+                                         "windows": windows, "coarse_to_fine": bool(coarse_to_fine)})
+
+    @staticmethod
+    def _result(scan, frame, prompt: str, match: PromptMatch, p_present: float, prob, threshold: float) -> PromptResult:
+        """One prompt's answer on the scan's grid from its probability at the working spacing (None: no mask).  Only
+        the box where the mask can be positive is brought to the scan's grid."""
+        mask = BoxMask(scan.data.shape)
+        if prob is not None:
+            offset, crop = upsample_box(prob, frame.scan_shape, threshold)
+            mask = BoxMask(scan.data.shape, offset, crop)
+        voxels = mask.sum()
+        voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+        return PromptResult(prompt, match.vocabulary_class, p_present, voxels > 0, mask, voxels, voxels * voxel_ml,
+                            match)

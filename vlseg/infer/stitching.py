@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vlseg.transforms.boxes import mask_box
+
 
 def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     """Start indices of the windows along one axis, as MONAI places them (the last one flush with the end)."""
@@ -117,7 +119,7 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float, slab: int = 16) 
     crop)`` trimmed to the positive voxels; equal to thresholding the full ``interpolate`` result.  Works through
     ``slab`` output planes at a time, so its temporaries are a few slabs of float32 whatever the box's size.
     """
-    box = bounding_box(prob >= threshold)
+    box = mask_box(prob >= threshold)
     if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
     w_lo, w_hi = box[0], box[1] - 1
@@ -143,25 +145,12 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float, slab: int = 16) 
             result = result >= threshold if axis == 2 else result
             result = result.permute(1, 2, 0).contiguous()
         mask[start:start + slab] = result.numpy()
-    box = bounding_box(mask)
+    box = mask_box(mask)
     if box is None:
         return (0, 0, 0), np.zeros((0, 0, 0), np.uint8)
     a, b = box
     crop = mask[a[0]:b[0], a[1]:b[1], a[2]:b[2]].view(np.uint8).copy()
     return tuple(int(o + v) for o, v in zip(offset, a)), crop
-
-
-def bounding_box(mask: np.ndarray):
-    """``(start, stop)`` index arrays of the smallest box holding every True voxel, or None; from one projection per
-    axis, not from listing the voxels."""
-    starts, stops = [], []
-    for axis in range(mask.ndim):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        starts.append(hits[0])
-        stops.append(hits[-1] + 1)
-    return np.asarray(starts), np.asarray(stops)
 
 
 class PromptStitcher:

@@ -5,6 +5,7 @@ refused with suggestions)."""
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -27,9 +28,37 @@ def validate_prompts(prompts) -> list[str]:
     return out
 
 
+SLUG_MAX = 80  # characters of a prompt's file name before its suffix: far below the 255-byte limit, temporary names too
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
 def slug(text: str) -> str:
-    """File-name form of a prompt: ``"Liver tumor"`` → ``liver_tumor``."""
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "prompt"
+    """File-name form of a prompt: ``"Liver tumor"`` → ``liver_tumor``.  One longer than ``SLUG_MAX`` keeps its
+    beginning and ends in a hash of the whole prompt, so prompts sharing a long beginning get different names."""
+    name = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "prompt"
+    return name if len(name) <= SLUG_MAX else f"{name[:SLUG_MAX - 11].rstrip('_')}_{_digest(text)}"
+
+
+def file_stems(prompts) -> dict[str, str]:
+    """A distinct file name (without suffix) per prompt, at most ``SLUG_MAX`` characters: its ``slug``, or, when an
+    earlier prompt has that name already ("Liver" after "liver"), the slug's beginning and the prompt's hash, then a
+    counter if even that is taken (a prompt typed as another's shortened name)."""
+    stems: dict[str, str] = {}
+    taken: set[str] = set()
+    for prompt in prompts:
+        stem = slug(prompt)
+        if stem in taken:
+            stem = f"{stem[:SLUG_MAX - 11].rstrip('_')}_{_digest(prompt)}"
+        count = 2
+        while stem in taken:
+            stem = f"{stem[:SLUG_MAX - 1 - len(str(count))]}_{count}"
+            count += 1
+        stems[prompt] = stem
+        taken.add(stem)
+    return stems
 
 
 # --------------------------------------------------------------------------------------------- reading what users type
@@ -119,6 +148,40 @@ def _full_vocabulary_class(prompt: str, vocabulary) -> str | None:
     return found if found is not None and found not in vocabulary.names else None
 
 
+# Words and phrases that negate or exclude.  A prompt is a structure to segment: "not the liver" would be answered
+# with the liver, so such prompts are refused rather than silently read without their negation.
+_NEGATING_WORDS = {"not", "no", "non", "without", "except", "excepting", "excluding", "exclude", "nor", "neither",
+                   "never", "minus", "sans"}
+_NEGATING_PHRASES = ("other than", "apart from", "rather than", "instead of", "free of")
+
+
+def negation(text: str) -> str | None:
+    """The first word or phrase of ``text`` that negates or excludes ("not", "non-", "without", "isn't", "other
+    than", ...), or None.  Whole words only: "nodule" and "nonsense" hold none."""
+    words = re.findall(r"[a-z]+(?:'t)?", text.lower().replace("\u2019", "'"))
+    joined = f" {' '.join(words)} "
+    cues = [w for w in words if w in _NEGATING_WORDS or w.endswith("n't")]
+    cues += [p for p in _NEGATING_PHRASES if f" {p} " in joined]
+    return min(cues, key=lambda c: joined.index(f" {c} "), default=None)
+
+
+def refuse_negation(prompts, vocabulary=None) -> None:
+    """Refuse, in one line, prompts that negate or exclude (see ``negation``): vlseg segments what a prompt names and
+    would answer "not the liver" with the liver.  A wording of a class of ``vocabulary`` or of vlseg's bundled
+    vocabulary is kept as the name it is (a "non-enhancing tumor" class)."""
+    from vlseg.vocab.vocabulary import Vocabulary
+
+    known = {**_wordings(Vocabulary.load("default")), **(_wordings(vocabulary) if vocabulary is not None else {})}
+    problems = []
+    for prompt in prompts:
+        cue = negation(prompt)
+        if cue is not None and not any(form in known for form, _ in wording_variants(prompt)):
+            problems.append(f"prompt {prompt!r}: vlseg does not understand negation ({cue!r}) and would segment what "
+                            f"the words name; ask for the structures you want, one prompt each")
+    if problems:
+        raise VlsegError(" | ".join(problems))
+
+
 def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: float = 0.3) -> list[PromptMatch]:
     """Understand each prompt against a model's vocabulary; refuse, in one line with suggestions, those that cannot be
     meant as a structure.
@@ -127,8 +190,10 @@ def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: fl
     asked as that class.  Anything else is free text for the text encoder, reported with its nearest classes by
     embedding cosine; it is refused when it has no word of three letters or more, or when even its nearest class is
     less similar than ``min_similarity`` (0.3 suits the bundled MiniLM: "asdf" 0.23, "the weather today" 0.18, while
-    paraphrases such as "hepar" reach 0.35), and a closed-vocabulary (one-hot) model refuses all free text."""
+    paraphrases such as "hepar" reach 0.35), and a closed-vocabulary (one-hot) model refuses all free text.  A prompt
+    that negates ("not the liver") is refused first (see ``refuse_negation``)."""
     prompts = validate_prompts(prompts)
+    refuse_negation(prompts, vocabulary)
     table = _wordings(vocabulary)
 
     matches, free = [], []
