@@ -181,6 +181,8 @@ class CropDataset(Dataset):
         return [int(rng.integers(n)) for n in cc.shape], None
 
     def __getitem__(self, index: int) -> dict:
+        # Every step draws from one generator seeded by (seed, index), in this order: the sample is a pure function
+        # of its index.
         rng = np.random.default_rng([self.seed, int(index)])
         ds = self.dataset_names[int(rng.choice(len(self.dataset_names), p=self.dataset_probs))]
         cc = self.cases[self.by_dataset[ds][int(rng.integers(len(self.by_dataset[ds])))]]
@@ -194,46 +196,15 @@ class CropDataset(Dataset):
         annotated = self.annotated(cc)
         masks = {n: cc.class_mask(label, n) for n in annotated if n in cc.case.classes}
         if self._synthesises(cc):
-            s = self.synthesis
-            lesion = np.zeros(self.crop_size, dtype=bool)
-            organ = masks.get(s.organ)
-            if organ is not None and organ.any() and (centre_class == s.target
-                                                       or rng.random() < s.lesion.probability):
-                from vlseg.transforms.lesions import synthesize_lesions
-
-                middle = tuple(n // 2 for n in self.crop_size)
-                image, lesion = synthesize_lesions(
-                    image, organ, spacing, rng, s.lesion, hu_scale=s.hu_scale,
-                    centre=middle if centre_class == s.target and organ[middle] else None)
-            masks[s.target] = lesion
-            for parent in self.vocabulary.parents(s.target):  # a parent's mask contains its lesions
-                if parent in masks:
-                    masks[parent] = masks[parent] | lesion
+            image = self._synthesise(image, masks, spacing, centre_class, rng)
         if self.thin_prob and rng.random() < self.thin_prob:
-            # A thin scan (a slab of a few slices, like a 4 cm DICOM series) reaches the model padded by repeating its
-            # edge slices to the window size; training sees the same: a random slab, edge slices repeated.
-            z = self.crop_size[2]
-            n = int(rng.integers(min(self.thin_slices[0], z), min(self.thin_slices[1], z) + 1))
-            z0 = int(rng.integers(0, z - n + 1))
-            index = np.clip(np.arange(z), z0, z0 + n - 1)
-            image = image[:, :, index]
-            masks = {k: m[:, :, index] for k, m in masks.items()}
+            image, masks = self._thin(image, masks, rng)
         # Intensity: contrast and brightness (a CT's soft tissue shifts by tens of HU between contrast phases); kept
         # within the crop's own range so air and the window's top stay where normalisation put them. No flips (L/R).
         lo_v, hi_v = float(image.min()), float(image.max())
         image = image * rng.uniform(*self.intensity_scale) + rng.uniform(-self.intensity_shift, self.intensity_shift)
         image = np.clip(image, lo_v, hi_v)
-
-        present = [n for n in annotated if masks[n].any()]
-        absent = [n for n in annotated if n not in present]
-        # Negatives get a quota (all slots when nothing is present); positives fill the rest, unused slots go back.
-        quota = self.max_queries if not present else max(1, round(self.max_queries * self.negative_fraction))
-        pos = [present[i] for i in rng.permutation(len(present))[: self.max_queries - min(quota, len(absent))]]
-        neg = [absent[i] for i in rng.permutation(len(absent))[: self.max_queries - len(pos)]]
-        names = pos + neg
-        if self.query_unannotated:
-            names += [n for n in self.vocabulary.names if n not in masks][: max(0, self.max_queries - len(names))]
-        names = [names[i] for i in rng.permutation(len(names))]
+        names = self._queries(annotated, masks, rng)
         targets = np.zeros((len(names), *self.crop_size), dtype=np.uint8)
         is_annotated = np.zeros(len(names), dtype=bool)
         for q, name in enumerate(names):
@@ -244,6 +215,48 @@ class CropDataset(Dataset):
         return {"image": torch.from_numpy(np.ascontiguousarray(image[None], dtype=np.float32)),
                 "target": torch.from_numpy(targets), "annotated": torch.from_numpy(is_annotated),
                 "texts": texts, "classes": names, "dataset": ds, "case_id": cc.case.case_id}
+
+    def _synthesise(self, image, masks: dict, spacing, centre_class, rng: np.random.Generator) -> np.ndarray:
+        """Paint lesions into the crop's organ (always when the crop is centred on the target class); ``masks`` gains
+        the target's mask, and every parent of the target contains it."""
+        s = self.synthesis
+        lesion = np.zeros(self.crop_size, dtype=bool)
+        organ = masks.get(s.organ)
+        if organ is not None and organ.any() and (centre_class == s.target or rng.random() < s.lesion.probability):
+            from vlseg.transforms.lesions import synthesize_lesions
+
+            middle = tuple(n // 2 for n in self.crop_size)
+            image, lesion = synthesize_lesions(
+                image, organ, spacing, rng, s.lesion, hu_scale=s.hu_scale,
+                centre=middle if centre_class == s.target and organ[middle] else None)
+        masks[s.target] = lesion
+        for parent in self.vocabulary.parents(s.target):  # a parent's mask contains its lesions
+            if parent in masks:
+                masks[parent] = masks[parent] | lesion
+        return image
+
+    def _thin(self, image, masks: dict, rng: np.random.Generator):
+        """A thin scan (a slab of a few slices, like a 4 cm DICOM series) reaches the model padded by repeating its
+        edge slices to the window size; training sees the same: a random slab, edge slices repeated."""
+        z = self.crop_size[2]
+        n = int(rng.integers(min(self.thin_slices[0], z), min(self.thin_slices[1], z) + 1))
+        z0 = int(rng.integers(0, z - n + 1))
+        index = np.clip(np.arange(z), z0, z0 + n - 1)
+        return image[:, :, index], {k: m[:, :, index] for k, m in masks.items()}
+
+    def _queries(self, annotated: list[str], masks: dict, rng: np.random.Generator) -> list[str]:
+        """The crop's queries in random order: present classes and in-set negatives (annotated classes absent from the
+        crop), and with ``query_unannotated`` classes the dataset does not annotate."""
+        present = [n for n in annotated if masks[n].any()]
+        absent = [n for n in annotated if n not in present]
+        # Negatives get a quota (all slots when nothing is present); positives fill the rest, unused slots go back.
+        quota = self.max_queries if not present else max(1, round(self.max_queries * self.negative_fraction))
+        pos = [present[i] for i in rng.permutation(len(present))[: self.max_queries - min(quota, len(absent))]]
+        neg = [absent[i] for i in rng.permutation(len(absent))[: self.max_queries - len(pos)]]
+        names = pos + neg
+        if self.query_unannotated:
+            names += [n for n in self.vocabulary.names if n not in masks][: max(0, self.max_queries - len(names))]
+        return [names[i] for i in rng.permutation(len(names))]
 
 
 def collate(samples: list[dict]) -> dict:

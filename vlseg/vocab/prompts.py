@@ -182,6 +182,48 @@ def refuse_negation(prompts, vocabulary=None) -> None:
         raise VlsegError(" | ".join(problems))
 
 
+def _match(prompt: str, table: dict[str, str]) -> PromptMatch:
+    """A prompt against the vocabulary's wordings: a class name or synonym (up to case, punctuation, an article,
+    British spelling or a plural), one keyboard slip away from one ("livr tumor"), or free text."""
+    for form, how in wording_variants(prompt):
+        if form in table:
+            name = table[form]
+            if how == "as typed":
+                how = "name" if form == canonical_form(name) else "synonym"
+            return PromptMatch(prompt, name, name, how)
+    typo = difflib.get_close_matches(canonical_form(prompt), list(table), n=1, cutoff=0.9)
+    if typo:
+        return PromptMatch(prompt, table[typo[0]], table[typo[0]], f"close spelling of {typo[0]!r}")
+    return PromptMatch(prompt, prompt, None, "free text")
+
+
+def _nearest(free: list[PromptMatch], vocabulary, text_encoder) -> None:
+    """Each free-text match gets its three nearest classes by embedding cosine."""
+    import torch
+
+    names = list(vocabulary.names)
+    known = torch.nn.functional.normalize(text_encoder.encode(names).float(), dim=-1)
+    asked = torch.nn.functional.normalize(text_encoder.encode([m.prompt for m in free]).float(), dim=-1)
+    for m, row in zip(free, asked @ known.T):
+        m.nearest = [(names[i], float(row[i])) for i in row.argsort(descending=True)[:3].tolist()]
+
+
+def _refusal(m: PromptMatch, vocabulary, table: dict[str, str], open_vocabulary: bool, wordy: bool) -> str:
+    """Why a free-text prompt is refused, with what the user may have meant."""
+    guesses = [table[g] for g in difflib.get_close_matches(canonical_form(m.prompt), list(table), n=3, cutoff=0.6)]
+    elsewhere = _full_vocabulary_class(m.prompt, vocabulary)
+    reason = ("this model knows only its vocabulary's classes" if not open_vocabulary else
+              "it is not a structure name" if not wordy else
+              f"it matches no class this model knows (closest: {m.nearest[0][0]!r}, "
+              f"similarity {m.nearest[0][1]:.2f})")
+    if elsewhere:
+        reason += f"; {elsewhere!r} is in vlseg's vocabulary, but this model was not trained on it"
+    hint = (f"did you mean {' or '.join(repr(g) for g in dict.fromkeys(guesses))}?" if guesses else
+            f"this model knows {', '.join(repr(n) for n in list(vocabulary.names)[:8])}"
+            f"{' …' if len(vocabulary) > 8 else ''} (vlseg classes lists wordings)")
+    return f"prompt {m.prompt!r}: {reason}; {hint}"
+
+
 def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: float = 0.3) -> list[PromptMatch]:
     """Understand each prompt against a model's vocabulary; refuse, in one line with suggestions, those that cannot be
     meant as a structure.
@@ -195,54 +237,18 @@ def interpret_prompts(prompts, vocabulary, text_encoder=None, min_similarity: fl
     prompts = validate_prompts(prompts)
     refuse_negation(prompts, vocabulary)
     table = _wordings(vocabulary)
-
-    matches, free = [], []
-    for prompt in prompts:
-        for form, how in wording_variants(prompt):
-            if form in table:
-                name = table[form]
-                if how == "as typed":
-                    how = "name" if form == canonical_form(name) else "synonym"
-                matches.append(PromptMatch(prompt, name, name, how))
-                break
-        else:
-            typo = difflib.get_close_matches(canonical_form(prompt), list(table), n=1, cutoff=0.9)
-            if typo:  # one slip of the keyboard away from a wording ("livr tumor")
-                matches.append(PromptMatch(prompt, table[typo[0]], table[typo[0]], f"close spelling of {typo[0]!r}"))
-                continue
-            matches.append(PromptMatch(prompt, prompt, None, "free text"))
-            free.append(matches[-1])
+    matches = [_match(prompt, table) for prompt in prompts]
+    free = [m for m in matches if m.how == "free text"]
     if not free:
         return matches
     open_vocabulary = text_encoder is not None and getattr(text_encoder, "open_vocabulary", True)
     if open_vocabulary:
-        import torch
-
-        names = list(vocabulary.names)
-        known = torch.nn.functional.normalize(text_encoder.encode(names).float(), dim=-1)
-        asked = torch.nn.functional.normalize(text_encoder.encode([m.prompt for m in free]).float(), dim=-1)
-        sims = asked @ known.T
-        for m, row in zip(free, sims):
-            top = row.argsort(descending=True)[:3].tolist()
-            m.nearest = [(names[i], float(row[i])) for i in top]
+        _nearest(free, vocabulary, text_encoder)
     problems = []
     for m in free:
         wordy = re.search(r"[^\W\d_]{3,}", m.prompt) is not None
-        if open_vocabulary and wordy and m.nearest and m.nearest[0][1] >= min_similarity:
-            continue
-        guesses = [table[g] for g in difflib.get_close_matches(canonical_form(m.prompt), list(table), n=3,
-                                                                 cutoff=0.6)]
-        elsewhere = _full_vocabulary_class(m.prompt, vocabulary)
-        reason = ("this model knows only its vocabulary's classes" if not open_vocabulary else
-                  "it is not a structure name" if not wordy else
-                  f"it matches no class this model knows (closest: {m.nearest[0][0]!r}, "
-                  f"similarity {m.nearest[0][1]:.2f})")
-        if elsewhere:
-            reason += f"; {elsewhere!r} is in vlseg's vocabulary, but this model was not trained on it"
-        hint = (f"did you mean {' or '.join(repr(g) for g in dict.fromkeys(guesses))}?" if guesses else
-                f"this model knows {', '.join(repr(n) for n in list(vocabulary.names)[:8])}"
-                f"{' …' if len(vocabulary) > 8 else ''} (vlseg classes lists wordings)")
-        problems.append(f"prompt {m.prompt!r}: {reason}; {hint}")
+        if not (open_vocabulary and wordy and m.nearest and m.nearest[0][1] >= min_similarity):
+            problems.append(_refusal(m, vocabulary, table, open_vocabulary, wordy))
     if problems:
         raise VlsegError(" | ".join(problems))
     return matches
