@@ -43,9 +43,9 @@ def main(argv=None) -> int:
     from vlseg.config import DataSection, load_config
     from vlseg.models.network import build_network, prompt_inputs
     from vlseg.prepare.cache.build import preprocess_corpus
+    from vlseg.prepare.cache.keys import cache_settings
     from vlseg.prepare.cache.read import open_cache
     from vlseg.prepare.manifest import read_manifest
-    from vlseg.train.corpus import preprocess_settings
     from vlseg.train.crops import CropDataset, collate, synthesis_plan
     from vlseg.train.distributed import resolve_mixed_precision
     from vlseg.train.losses import LOSSES
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     cfg = load_config(config, [f"data.manifest={manifest}"])
     dcfg = cfg["data"]
     cases = read_manifest(manifest, split=dcfg["train_split"])
-    settings = preprocess_settings(DataSection.from_config(cfg))
+    settings = cache_settings(DataSection.from_config(cfg))
     cache = tmp / "cache"
 
     t = time.perf_counter()

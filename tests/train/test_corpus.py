@@ -10,7 +10,8 @@ import torch
 
 from vlseg.config import DataSection, load_config
 from vlseg.errors import VlsegError
-from vlseg.train.corpus import cache_dir, load_training_cases, model_vocabulary
+from vlseg.prepare.cache.keys import cache_location
+from vlseg.train.corpus import load_training_cases, model_vocabulary
 from vlseg.train.crops import CropDataset
 
 
@@ -27,7 +28,7 @@ def cases(section):
 
 
 def test_cases_come_from_the_configured_cache(section, cases):
-    assert cache_dir(section).is_dir() and (cache_dir(section) / "report.json").is_file()
+    assert cache_location(section).is_dir() and (cache_location(section) / "report.json").is_file()
     assert {c.case.dataset for c in cases} == {"PhantomLiver", "PhantomKidney", "PhantomSpleen"}
     with pytest.raises(VlsegError, match="split 'holdout'"):
         load_training_cases(section, "holdout", progress=False)

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         from vlseg.evaluate.evaluate import evaluate
         from vlseg.evaluate.report import format_table
         from vlseg.infer.segmenter import Segmenter
-        from vlseg.train.corpus import cache_dir, load_training_cases
+        from vlseg.prepare.cache.keys import cache_location
+        from vlseg.train.corpus import load_training_cases
         from vlseg.train.loop import train
 
         t0 = time.perf_counter()
@@ -81,7 +82,7 @@ def main(argv=None) -> int:
         config = args.config or ("phantom" if args.phantoms else "real")  # shipped configs (vlseg.config.config_path)
         cfg = load_config(config, [f"data.manifest={manifest}", *args.overrides])
         data = DataSection.from_config(cfg)
-        print(f"[2/5] preprocessing the training cases into {cache_dir(data)}")
+        print(f"[2/5] preprocessing the training cases into {cache_location(data)}")
         t_prep = time.perf_counter()
         # the same call training makes (one-line error for a case that fails); training then finds the cache current
         cases = load_training_cases(data, data.train_split)

@@ -104,19 +104,17 @@ def cache_main(argv=None) -> int:
     outcome = {"code": 0}
 
     def go():
-        from vlseg.config import load_config
+        from vlseg.config import DataSection, load_config
         from vlseg.errors import VlsegError
         from vlseg.prepare.cache.build import preprocess_corpus
-        from vlseg.prepare.cache.keys import default_cache_dir
+        from vlseg.prepare.cache.keys import cache_location, cache_settings
         from vlseg.prepare.cache.verify import verify_corpus
         from vlseg.prepare.manifest import read_manifest
 
-        cfg = load_config(args.config, args.overrides)
-        data = cfg["data"]
-        settings = {"ct_window": list(data["ct_window"]), "target_spacing": data["target_spacing"],
-                    "spacing_per_dataset": dict(data.get("spacing_per_dataset") or {})}
-        cache = Path(args.cache or data.get("cache") or default_cache_dir(args.manifest))
-        workers = args.workers if args.workers is not None else int(data.get("preprocess_workers", 2))
+        data = DataSection.from_config(load_config(args.config, [*args.overrides, f"data.manifest={args.manifest}"]))
+        settings = cache_settings(data)
+        cache = Path(args.cache) if args.cache else cache_location(data)
+        workers = args.workers if args.workers is not None else data.preprocess_workers
         if workers < 0:
             raise VlsegError(f"--workers: must be 0 or more, got {workers}")
         cases = read_manifest(args.manifest, split=args.split)

@@ -7,22 +7,11 @@ from pathlib import Path
 from vlseg.config import DataSection, save_config
 from vlseg.errors import VlsegError
 from vlseg.prepare.cache.build import preprocess_corpus
-from vlseg.prepare.cache.keys import default_cache_dir
+from vlseg.prepare.cache.keys import cache_location, cache_settings
 from vlseg.prepare.cache.read import open_cache
 from vlseg.prepare.manifest import read_manifest
 from vlseg.train.resume import RunStart
 from vlseg.vocab.vocabulary import Vocabulary
-
-
-def preprocess_settings(data: DataSection) -> dict:
-    """The config entries the preprocessing cache depends on."""
-    return {"ct_window": list(data.ct_window), "target_spacing": data.target_spacing,
-            "spacing_per_dataset": dict(data.spacing_per_dataset)}
-
-
-def cache_dir(data: DataSection) -> Path:
-    """``data.cache``, else ``<manifest folder>/cache``."""
-    return Path(data.cache) if data.cache else default_cache_dir(data.manifest)
 
 
 def load_training_cases(data: DataSection, split: str, progress: bool = True, accelerator=None) -> list:
@@ -32,7 +21,7 @@ def load_training_cases(data: DataSection, split: str, progress: bool = True, ac
     cases = read_manifest(manifest, split=split)
     if not cases:
         raise VlsegError(f"{manifest}: no cases in split {split!r}")
-    settings, cache = preprocess_settings(data), cache_dir(data)
+    settings, cache = cache_settings(data), cache_location(data)
     if accelerator is None or accelerator.is_main_process:
         report = preprocess_corpus(cases, cache, settings, workers=data.preprocess_workers, progress=progress)
         if report["errors"]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlseg.config import DataSection
 from vlseg.errors import VlsegError
 from vlseg.prepare.cache.plan import ct_window, plan_corpus
 from vlseg.prepare.manifest import Case
@@ -28,6 +29,17 @@ RERUN = "run vlseg prepare cache --manifest <manifest> (with the training config
 def default_cache_dir(manifest_path) -> Path:
     """``<manifest folder>/cache``."""
     return Path(manifest_path).expanduser().absolute().parent / "cache"
+
+
+def cache_settings(data: DataSection) -> dict:
+    """The settings of a config's ``data`` section that a cache entry depends on."""
+    return {"ct_window": list(data.ct_window), "target_spacing": data.target_spacing,
+            "spacing_per_dataset": dict(data.spacing_per_dataset)}
+
+
+def cache_location(data: DataSection) -> Path:
+    """``data.cache``, else ``<manifest folder>/cache``."""
+    return Path(data.cache) if data.cache else default_cache_dir(data.manifest)
 
 
 def case_dir(cache_dir, case: Case) -> Path:
