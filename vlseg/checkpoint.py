@@ -78,9 +78,16 @@ def save_checkpoint(run_dir: Path, step: int, weights, meta: dict, save_training
 
 
 def write_weights(state: dict, path: Path) -> None:
-    """Save a state dict as safetensors, floating-point tensors in fp32 (16-bit training included)."""
-    save_file({k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
-               for k, v in state.items()}, str(path))
+    """Save a state dict as safetensors, floating-point tensors in fp32 (16-bit training included).  A tensor held
+    under two names (dynamic-network-architectures registers each conv and norm twice) is written once per name."""
+    out, seen = {}, set()
+    for k, v in state.items():
+        v = (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().cpu()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
+    save_file(out, str(path))
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:

@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
         "intensity_shift": 0.1,  # random brightness shift (normalised units; CT: 0.1 = 25 HU for the default window)
         "thin_prob": 0.0,  # chance a crop is cut to a thin slab whose edge slices repeat (thin-scan simulation)
         "thin_slices": [8, 20],  # slab thickness range, in slices of the crop
+        "intensity": "vlseg",  # normalisation scheme (vlseg.transforms.intensity): vlseg, window_unit, ...
+        "crop_nonzero": False,  # inference: work on the box of non-zero voxels only (nnU-Net, VoxTell)
+        "axis_order": "xyz",  # the array axes the network sees: xyz (RAS, as MONAI) or zyx (as nnU-Net)
         "synthesis": {  # synthetic lesions inside an annotated organ, learnt as their own class (vlseg.data.synth)
             "enabled": False,
             "organ": "liver",
@@ -95,6 +98,11 @@ DEFAULTS: dict[str, Any] = {
         "presence_threshold": 0.5,
         "prompt_chunk": 16,  # prompts decoded together from one window's features
         "min_prompt_similarity": 0.3,  # free text less similar than this to every class is refused (bundled MiniLM)
+        "interpret_prompts": True,  # map prompts onto the vocabulary first; false: the text encoder reads them as typed
+        "blend": "probability",  # windows blended as probabilities, or as logits (then sigmoid)
+        "pad_mode": "replicate",  # a side shorter than the window is padded by edge replication, or with zeros
+        "window_placement": "monai",  # window starts as MONAI places them, or nnU-Net's evenly spaced ones
+        "largest_component": False,  # keep each mask's largest connected component only
     },
 }
 
@@ -281,6 +289,9 @@ class DataSection:
     intensity_shift: float
     thin_prob: float
     thin_slices: tuple[int, ...]
+    intensity: str
+    crop_nonzero: bool
+    axis_order: str
     synthesis: dict  # its lesion parameters are free-form: vlseg.transforms.lesions.LesionConfig reads them
 
     @classmethod
@@ -337,6 +348,11 @@ class InferenceSection:
     presence_threshold: float
     prompt_chunk: int
     min_prompt_similarity: float
+    interpret_prompts: bool
+    blend: str
+    pad_mode: str
+    window_placement: str
+    largest_component: bool
 
     @classmethod
     def from_config(cls, cfg: dict) -> InferenceSection:

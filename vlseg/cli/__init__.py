@@ -20,6 +20,7 @@ VERBS = {
     "train": "train a model: vlseg train --config configs/phantom.yaml [key=value ...]",
     "params": "parameter counts of a config's network, e.g. vlseg params configs/reference/sat_pro.yaml",
     "launch": "accelerate launch, e.g. vlseg launch --multi_gpu --num_processes 8 train.py ...",
+    "import": "a released model as a vlseg model: vlseg import {sat-nano,sat-pro,clip-universal-*,voxtell} ...",
     "export": "consolidated fp32 copy of a (DeepSpeed) checkpoint, without optimiser state",
     "predict": "segment a scan: vlseg predict -i scan.nii.gz -p 'liver tumor' -p liver -o out/",
     "calibrate": "choose the presence threshold on a validation split and store it with the checkpoint",
@@ -27,6 +28,7 @@ VERBS = {
     "ablate": "run an ablation study and tabulate it: vlseg ablate configs/ablations/fusion.yaml",
     "demo": "the main job: corpus -> train -> evaluate -> predict 'liver tumor'",
 }
+MODULES = {"import": "import_"}  # verbs whose name is a Python keyword
 
 
 def usage() -> str:
@@ -40,4 +42,5 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in VERBS:
         print(usage(), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(f"vlseg.cli.{argv[0]}").main(argv[1:])
+    module = MODULES.get(argv[0], argv[0])
+    return importlib.import_module(f"vlseg.cli.{module}").main(argv[1:])

@@ -8,6 +8,7 @@ memory that does not grow with the number of prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -36,6 +37,44 @@ def parse_spacing(value) -> tuple[float, float, float]:
     if isinstance(value, (list, tuple)) and len(value) == 1:
         value = list(value) * 3
     return positive_triple(value, "the spacing (mm)", where="spacing")
+
+
+def nonzero_box(data) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(lo, hi)`` of the voxels that are not zero (nnU-Net's crop before inference); None when all are."""
+    box = mask_box(np.asarray(data) != 0)
+    return None if box is None else (np.asarray(box[0]), np.asarray(box[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """How a probability on the model's grid becomes a mask on the scan's: thresholded while only the box where it
+    can be positive is brought to the scan's grid (``upsample_box``), shifted by where the model's input was cut out
+    (``offset``), optionally reduced to its largest connected component."""
+
+    shape: tuple
+    frame: object
+    offset: tuple
+    threshold: float
+    largest_component: bool
+
+    def mask(self, prob) -> BoxMask:
+        if prob is None:
+            return BoxMask(self.shape)
+        offset, crop = upsample_box(prob, self.frame.scan_shape, self.threshold)
+        if self.largest_component and crop.any():
+            crop = largest_component(crop)
+        return BoxMask(self.shape, tuple(int(a) + int(b) for a, b in zip(offset, self.offset)), crop)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of a binary mask, as uint8."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return mask.astype(np.uint8)
+    sizes = np.bincount(labels.ravel())[1:]
+    return (labels == int(np.argmax(sizes)) + 1).astype(np.uint8)
 
 
 class Segmenter:
@@ -88,17 +127,20 @@ class Segmenter:
             windows = windows.to(self.device)
             return [self.net.encode_image(windows.flip(f) if f else windows) for f in flips]
 
+        as_logits = settings.blend == "logit"
+
         def decode(features, start: int, stop: int):
             probs = presence = 0.0
             for f, feats in zip(flips, features):
                 out = self.net.decode(feats, emb[:, start:stop].expand(feats.batch_size, -1, -1))
-                p = torch.sigmoid(out.mask_logits.float())
+                p = out.mask_logits.float() if as_logits else torch.sigmoid(out.mask_logits.float())
                 probs = probs + (p.flip(f) if f else p)
                 presence = presence + torch.sigmoid(out.presence_logits.float())
             return probs / len(flips), presence / len(flips)
 
         return stitch(x, DataSection.from_config(self.config).crop_size, settings.overlap, len(prompt_ids), encode,
-                      decode, batch_size=settings.sw_batch_size, prompt_chunk=settings.prompt_chunk, region=region)
+                      decode, batch_size=settings.sw_batch_size, prompt_chunk=settings.prompt_chunk, region=region,
+                      blend=settings.blend, placement=settings.window_placement, pad_mode=settings.pad_mode)
 
     def understand(self, prompts) -> list[PromptMatch]:
         """How each prompt will be asked (see ``vlseg.vocab.prompts.interpret_prompts``); a one-line error for prompts
@@ -139,6 +181,7 @@ class Segmenter:
         ``coarse_to_fine``: a first pass at twice the spacing keeps the prompts it finds and the box around them
         (plus a quarter window); the pass at the working spacing then covers only that box, for those prompts."""
         prompts = validate_prompts(prompts)
+        interpret = interpret and self.settings.interpret_prompts
         matches = self.understand(prompts) if interpret else [
             PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
         settings, data_cfg = self.settings, DataSection.from_config(self.config)
@@ -151,7 +194,11 @@ class Segmenter:
         spacing = data_cfg.working_spacing()  # the rule training recorded it by
         if coarsen != 1.0:
             spacing = [float(coarsen) * float(v) for v in (spacing if spacing is not None else scan.spacing)]
-        data, frame = to_model_frame(scan, modality, data_cfg.ct_window, spacing)
+        # crop_nonzero: the model sees only the box of non-zero voxels; outside it every mask is empty
+        box = nonzero_box(scan.data) if data_cfg.crop_nonzero else None
+        data, frame = to_model_frame(scan if box is None else dataclasses.replace(
+            scan, data=scan.data[tuple(slice(a, b) for a, b in zip(*box))]), modality, data_cfg.ct_window, spacing,
+                                     data_cfg.intensity)
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
         del data
         run = functools.partial(self._stitch, emb=self.embed([m.query for m in matches])[None], tta=tta)
@@ -166,8 +213,10 @@ class Segmenter:
         windows += len(stitcher.corners) if stitcher is not None else 0
         # The presence head vetoes masks for targets it judges absent: no hallucinated organs.
         kept = [q in asked and float(presence[q]) >= presence_threshold for q in range(len(prompts))]
-        results = [self._result(scan, frame, prompt, matches[q], float(presence[q]),
-                                stitcher.probability(asked.index(q)) if kept[q] else None, threshold)
+        place = Placement(scan.data.shape, frame, (0, 0, 0) if box is None else tuple(box[0]), threshold,
+                          settings.largest_component)
+        results = [self._result(scan, place, prompt, matches[q], float(presence[q]),
+                                stitcher.probability(asked.index(q)) if kept[q] else None)
                    for q, prompt in enumerate(prompts)]
         window = data_cfg.ct_window if str(modality).upper() == "CT" else None
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
@@ -179,13 +228,9 @@ class Segmenter:
                                          "windows": windows, "coarse_to_fine": bool(coarse_to_fine)})
 
     @staticmethod
-    def _result(scan, frame, prompt: str, match: PromptMatch, p_present: float, prob, threshold: float) -> PromptResult:
-        """One prompt's answer on the scan's grid from its probability at the working spacing (None: no mask).  Only
-        the box where the mask can be positive is brought to the scan's grid."""
-        mask = BoxMask(scan.data.shape)
-        if prob is not None:
-            offset, crop = upsample_box(prob, frame.scan_shape, threshold)
-            mask = BoxMask(scan.data.shape, offset, crop)
+    def _result(scan, place: "Placement", prompt: str, match: PromptMatch, p_present: float, prob) -> PromptResult:
+        """One prompt's answer on the scan's grid from its probability at the working spacing (None: no mask)."""
+        mask = place.mask(prob)
         voxels = mask.sum()
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
         return PromptResult(prompt, match.vocabulary_class, p_present, voxels > 0, mask, voxels, voxels * voxel_ml,

@@ -11,6 +11,12 @@ resampled to the scan's grid as K float32 volumes: 100 prompts on a 512 × 512 �
 
 Windows, their Gaussian weights and the blending follow MONAI (``compute_importance_map``, the same window starts), so
 the probabilities match ``sliding_window_inference`` to the fixed-point precision (about 1e-4).
+
+Released models blend as their own code does: ``blend="logit"`` averages logits rather than probabilities (CLIP-
+Universal, VoxTell; the 16-bit sums then hold logits clipped to ±64 in steps of 1/500), ``placement="nnunet"`` spaces
+the windows evenly as nnU-Net does, and ``pad_mode="constant"`` pads a short side with zeros as nnU-Net does.  In logit
+mode a prompt whose logits stay below -20 in a window is left out there, and that window counts as giving -20 (at
+most its own value: a sign can only change where other windows' logits outweigh -20).
 """
 
 from __future__ import annotations
@@ -23,11 +29,19 @@ import torch
 
 from vlseg.transforms.boxes import mask_box
 
+PLACEMENTS = ("monai", "nnunet")
+BLENDS = ("probability", "logit")
+LOGIT_RANGE, LOGIT_SCALE, LOGIT_FLOOR = 64.0, 500.0, -20.0
 
-def window_starts(size: int, roi: int, overlap: float) -> list[int]:
-    """Start indices of the windows along one axis, as MONAI places them (the last one flush with the end)."""
+
+def window_starts(size: int, roi: int, overlap: float, placement: str = "monai") -> list[int]:
+    """Start indices of the windows along one axis: as MONAI places them (steps of ``roi·(1-overlap)``, the last one
+    flush with the end), or as nnU-Net does (the fewest windows with steps no longer than that, spread evenly)."""
     if size <= roi:
         return [0]
+    if placement == "nnunet":
+        count = math.ceil((size - roi) / (roi * (1.0 - overlap))) + 1
+        return [int(round((size - roi) / (count - 1) * i)) for i in range(count)]
     step = max(int(roi * (1.0 - overlap)), 1)
     count = math.ceil((size - roi) / step) + 1
     return sorted({min(i * step, size - roi) for i in range(count)})
@@ -156,20 +170,24 @@ def upsample_box(prob: np.ndarray, out_shape, threshold: float, slab: int = 16) 
 class PromptStitcher:
     """Blends per-window probabilities of K prompts over a grid (see the module docstring).
 
-    ``add(corner, probs)`` takes one window's ``[K, *roi]`` probabilities; ``probability(k)`` the blended float32 grid
-    of prompt k, or None when it never reached ``floor`` (its probability is then below ``floor`` everywhere).
+    ``add(corner, probs)`` takes one window's ``[K, *roi]`` probabilities (``blend="logit"``: logits);
+    ``probability(k)`` the blended float32 probability grid of prompt k, or None when it never reached ``floor`` (its
+    probability is then below ``floor`` everywhere).
     """
 
     def __init__(self, grid_shape, roi, overlap: float, n_prompts: int, floor: float = 1e-3, valid=None,
-                 region=None):
+                 region=None, blend: str = "probability", placement: str = "monai"):
         from monai.data.utils import compute_importance_map
 
+        if blend not in BLENDS or placement not in PLACEMENTS:
+            raise ValueError(f"blend {blend!r} / placement {placement!r}: use {BLENDS} / {PLACEMENTS}")
+        self.blend = blend
         self.grid_shape, self.roi = tuple(grid_shape), tuple(roi)
         # the part of the grid that is image, as slices (the rest pads a side shorter than the window)
         self.valid = tuple(valid) if valid is not None else tuple(slice(0, n) for n in self.grid_shape)
-        self.corners = [(a, b, c) for a in window_starts(self.grid_shape[0], self.roi[0], overlap)
-                        for b in window_starts(self.grid_shape[1], self.roi[1], overlap)
-                        for c in window_starts(self.grid_shape[2], self.roi[2], overlap)]
+        self.corners = [(a, b, c) for a in window_starts(self.grid_shape[0], self.roi[0], overlap, placement)
+                        for b in window_starts(self.grid_shape[1], self.roi[1], overlap, placement)
+                        for c in window_starts(self.grid_shape[2], self.roi[2], overlap, placement)]
         if region is not None:  # only the windows that overlap the box [lo, hi) (coarse-to-fine); zero elsewhere
             lo, hi = region
             self.corners = [c for c in self.corners
@@ -182,8 +200,8 @@ class PromptStitcher:
         # Each window's contribution is divided by the final weight sum as it is added (the windows are known in
         # advance), so a prompt's sum is its blended probability in [0, 1], kept with 1/65000 resolution everywhere,
         # including the weakly weighted borders.
-        self.scale = 65000.0
-        self.floor = float(floor)
+        self.scale = 65000.0 if blend == "probability" else LOGIT_SCALE
+        self.floor = float(floor) if blend == "probability" else LOGIT_FLOOR
         self.sums: list[np.ndarray | None] = [None] * n_prompts
 
     def _box(self, corner):
@@ -203,22 +221,37 @@ class PromptStitcher:
                 continue  # contributes less than the floor anywhere: leaving it out changes nothing above it
             if share is None:  # this window's weight as a share of every window's at each voxel, in fixed point
                 share = self.weight * torch.from_numpy(self.scale / np.maximum(self.weight_sum[box], 1e-12))
+            if self.blend == "logit":
+                self._add_logits(k, box, probs[k - first_prompt].float(), share)
+                continue
             fixed = torch.round(probs[k - first_prompt].float() * share).to(torch.int32)
             if self.sums[k] is None:
                 self.sums[k] = np.zeros(self.grid_shape, np.uint16)
             self.sums[k][box] += fixed.numpy().astype(np.uint16)
 
+    def _add_logits(self, k: int, box, logits: torch.Tensor, share: torch.Tensor) -> None:
+        """Logit mode: the sum starts as if every window had given the floor logit, and each window added replaces
+        its share of that with its own clipped logits."""
+        if self.sums[k] is None:
+            self.sums[k] = np.full(self.grid_shape, round(LOGIT_FLOOR * self.scale), np.int16)
+        clipped = logits.clamp(-LOGIT_RANGE, LOGIT_RANGE) - LOGIT_FLOOR
+        current = torch.from_numpy(self.sums[k][box].astype(np.int32))
+        self.sums[k][box] = (current + torch.round(clipped * share).to(torch.int32)).clamp(-32767, 32767).numpy()
+
     def probability(self, k: int) -> np.ndarray | None:
         if self.sums[k] is None:
             return None
-        return self.sums[k][self.valid].astype(np.float32) / self.scale
+        blended = self.sums[k][self.valid].astype(np.float32) / self.scale
+        return blended if self.blend == "probability" else 1.0 / (1.0 + np.exp(-blended))
 
 
 def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Callable, decode: Callable,
-           batch_size: int = 2, prompt_chunk: int = 16, floor: float = 1e-3, region=None):
+           batch_size: int = 2, prompt_chunk: int = 16, floor: float = 1e-3, region=None, blend: str = "probability",
+           placement: str = "monai", pad_mode: str = "replicate"):
     """Run ``encode`` once per window of ``image`` ``[1, C, X, Y, Z]`` and ``decode(features, start, stop)`` for each
-    chunk of prompts (→ ``probs [B, k, *roi]``, ``presence [B, k]``); return the ``PromptStitcher`` (on the image's
-    grid, padded by edge replication where a side is shorter than the window) and each prompt's highest presence.
+    chunk of prompts (→ ``probs [B, k, *roi]`` (logits when ``blend="logit"``), ``presence [B, k]``); return the
+    ``PromptStitcher`` (on the image's grid, padded by edge replication, or zeros with ``pad_mode="constant"``, where a
+    side is shorter than the window) and each prompt's highest presence.
 
     A short axis is padded on both sides, half each, as MONAI does: a thin scan then sits in the middle of its
     windows, as thin slabs sit in training crops (padding at one end only puts it at a window's edge, and a model
@@ -229,11 +262,12 @@ def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Cal
     after = [max(0, r - s) - b for r, s, b in zip(roi, shape, before)]
     if any(before) or any(after):
         image = torch.nn.functional.pad(image, [v for b, a in zip(reversed(before), reversed(after)) for v in (b, a)],
-                                        mode="replicate")
+                                        mode="constant" if pad_mode == "constant" else "replicate")
     if region is not None:
         region = tuple(np.asarray(v) + np.asarray(before) for v in region)
     valid = tuple(slice(b, b + n) for b, n in zip(before, shape))
-    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid=valid, region=region)
+    stitcher = PromptStitcher(image.shape[2:], roi, overlap, n_prompts, floor, valid=valid, region=region,
+                              blend=blend, placement=placement)
     presence = torch.zeros(n_prompts)
     for b in range(0, len(stitcher.corners), batch_size):
         corners = stitcher.corners[b:b + batch_size]

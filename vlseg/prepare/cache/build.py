@@ -66,7 +66,8 @@ def compute_case(case: Case, spacing, settings: dict):
     relevant = relevant_settings(case, spacing)
     scan = load_scan(case.image)
     label = load_label(case.label, like=scan)
-    image, frame = to_model_frame(scan, relevant["modality"], ct_window(settings), spacing)
+    image, frame = to_model_frame(scan, relevant["modality"], ct_window(settings), spacing,
+                                  settings.get("intensity", "vlseg"))
     label = frame.label(label)
     lo, hi = (int(label.min()), int(label.max())) if label.size else (0, 0)
     if lo < 0 or hi > np.iinfo(np.uint16).max:

@@ -34,7 +34,7 @@ def default_cache_dir(manifest_path) -> Path:
 def cache_settings(data: DataSection) -> dict:
     """The settings of a config's ``data`` section that a cache entry depends on."""
     return {"ct_window": list(data.ct_window), "target_spacing": data.target_spacing,
-            "spacing_per_dataset": dict(data.spacing_per_dataset)}
+            "spacing_per_dataset": dict(data.spacing_per_dataset), "intensity": data.intensity}
 
 
 def cache_location(data: DataSection) -> Path:
@@ -86,6 +86,8 @@ def case_key(case: Case, spacing, settings: dict) -> str:
     relevant = relevant_settings(case, spacing)
     if relevant["modality"] == "CT":
         relevant["ct_window"] = list(ct_window(settings))
+    if settings.get("intensity", "vlseg") != "vlseg":  # (absent by default, so caches built before it stay valid)
+        relevant["intensity"] = settings["intensity"]
     sources = []
     for role, path in (("image", case.image), ("label", case.label)):
         for f in _source_files(Path(path)):

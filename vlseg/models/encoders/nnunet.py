@@ -1,0 +1,122 @@
+"""nnU-Net's convolutional encoders, built by its network library (dynamic-network-architectures), as vlseg image
+encoders.
+
+* ``nnunet_plain``: the plain conv encoder (conv–InstanceNorm–LeakyReLU, a strided first conv per stage) and the
+  U-Net decoder's transposed convolutions and conv stacks, run here so that every decoder stage reaches the fusion
+  (the library's own decoder returns only its segmentation heads).  SAT's image backbone is this network.
+* ``nnunet_resenc``: the residual encoder (nnU-Net ResEnc presets; VoxTell's backbone), without a decoder, for fusions
+  that run their own prompt-conditioned decoder from the skips.
+
+The state-dict keys are the library's (``encoder.stages.1.0.convs.0.conv.weight``, ``decoder.transpconvs.0.weight``,
+``decoder.stages.0.convs.0...``), so nnU-Net-style checkpoints map onto them by name.  The library registers each
+conv and norm twice (as ``conv``/``norm`` and inside ``all_modules``); both names stay.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlseg.errors import VlsegError
+from vlseg.models.features import ImageEncoder, ImageFeatures
+from vlseg.registry import IMAGE_ENCODERS
+
+
+def _per_stage(value, n: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise VlsegError(f"image_encoder.{what}: {len(values)} entries for {n} stages")
+    return values
+
+
+def _triples(strides) -> list[tuple[int, int, int]]:
+    return [tuple(int(v) for v in (s if isinstance(s, (list, tuple)) else (s, s, s))) for s in strides]
+
+
+def _common(features_per_stage, kernel_sizes, strides) -> tuple[list[int], list, list[tuple[int, int, int]]]:
+    features = [int(f) for f in features_per_stage]
+    n = len(features)
+    kernels = _triples(_per_stage(kernel_sizes, n, "kernel_sizes"))
+    return features, kernels, _triples(_per_stage(strides, n, "strides"))
+
+
+def _layers(conv_bias: bool, norm_eps: float) -> dict:
+    """nnU-Net's default 3D operators: Conv3d, InstanceNorm3d (affine), LeakyReLU(0.01)."""
+    return {"conv_op": nn.Conv3d, "conv_bias": bool(conv_bias), "norm_op": nn.InstanceNorm3d,
+            "norm_op_kwargs": {"eps": float(norm_eps), "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}}
+
+
+class _NNUNetEncoderBase(ImageEncoder):
+    in_channels: int
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """A single-channel scan repeated to the encoder's channels (SAT's backbone takes three copies)."""
+        if x.shape[1] == 1 and self.in_channels > 1:
+            return x.expand(-1, self.in_channels, -1, -1, -1)
+        return x
+
+
+@IMAGE_ENCODERS.register("nnunet_plain")
+class NNUNetPlain(_NNUNetEncoderBase):
+    """nnU-Net's plain conv U-Net.  ``decoder=false`` leaves only the encoder (for a fusion with its own decoder)."""
+
+    def __init__(self, in_channels: int = 1, features_per_stage=(32, 64, 128, 256, 320, 320),
+                 strides=(1, 2, 2, 2, 2, 2), kernel_sizes=3, n_conv_per_stage=2, n_conv_per_stage_decoder=2,
+                 conv_bias: bool = True, norm_eps: float = 1e-5, decoder: bool = True):
+        super().__init__()
+        from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+        from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+        features, kernels, strides = _common(features_per_stage, kernel_sizes, strides)
+        n = len(features)
+        self.in_channels = int(in_channels)
+        self.encoder = PlainConvEncoder(self.in_channels, n, features, kernel_sizes=kernels, strides=strides,
+                                        n_conv_per_stage=_per_stage(n_conv_per_stage, n, "n_conv_per_stage"),
+                                        return_skips=True, **_layers(conv_bias, norm_eps))
+        self.feature_channels, self.strides = features, strides
+        self.has_decoder = bool(decoder)
+        self.embed_dim = features[0] if decoder else None
+        if decoder:
+            library = UNetDecoder(self.encoder, 1, _per_stage(n_conv_per_stage_decoder, n - 1,
+                                                              "n_conv_per_stage_decoder"), deep_supervision=False)
+            # Only the up-sampling and merging convs: the library's segmentation heads have no use here, and its
+            # reference to the encoder would store every encoder weight twice.
+            self.decoder = nn.Module()
+            self.decoder.transpconvs, self.decoder.stages = library.transpconvs, library.stages
+
+    def forward(self, x: torch.Tensor) -> ImageFeatures:
+        skips = self.encoder(self._input(x))
+        if not self.has_decoder:
+            return ImageFeatures(skips)
+        below, decoded = skips[-1], [skips[-1]]
+        for k, (up, stage) in enumerate(zip(self.decoder.transpconvs, self.decoder.stages)):
+            below = stage(torch.cat((up(below), skips[-(k + 2)]), dim=1))
+            decoded.append(below)
+        return ImageFeatures(skips, decoded[::-1], decoded[-1])
+
+
+@IMAGE_ENCODERS.register("nnunet_resenc")
+class NNUNetResEnc(_NNUNetEncoderBase):
+    """nnU-Net's residual encoder (basic pre-activation-free ``BasicBlockD`` blocks, a stem conv); skips only."""
+
+    has_decoder = False
+
+    def __init__(self, in_channels: int = 1, features_per_stage=(32, 64, 128, 256, 320, 320),
+                 strides=(1, 2, 2, 2, 2, 2), kernel_sizes=3, n_blocks_per_stage=(1, 3, 4, 6, 6, 6),
+                 conv_bias: bool = True, norm_eps: float = 1e-5, stem_channels: int | None = None):
+        super().__init__()
+        from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+        from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+
+        features, kernels, strides = _common(features_per_stage, kernel_sizes, strides)
+        n = len(features)
+        self.in_channels = int(in_channels)
+        self.encoder = ResidualEncoder(self.in_channels, n, features, kernel_sizes=kernels, strides=strides,
+                                       n_blocks_per_stage=_per_stage(n_blocks_per_stage, n, "n_blocks_per_stage"),
+                                       block=BasicBlockD, return_skips=True, stem_channels=stem_channels,
+                                       **_layers(conv_bias, norm_eps))
+        self.feature_channels, self.strides, self.embed_dim = features, strides, None
+
+    def forward(self, x: torch.Tensor) -> ImageFeatures:
+        return ImageFeatures(self.encoder(self._input(x)))

@@ -1,0 +1,170 @@
+"""A prompt-conditioned U-Net decoder (VoxTell's multi-stage fusion).
+
+The prompts first read the image: projected text embeddings are the queries of a pre-norm transformer decoder whose
+memory is one encoder stage (with fixed 3D sinusoidal positions on the keys).  Each decoded query is then projected,
+once per decoder stage, into channel weights; at every fused stage the decoder's features are contracted with those
+weights into ``channels_per_prompt`` extra maps that are concatenated to the features and carried up to the next stage.
+The finest stage's features are contracted with the last projection into the mask logits.
+
+Because the extra channels depend on the prompt, the decoder runs once per prompt (the encoder once per window).
+``prompts_per_pass`` prompts share one pass as a batch: more is faster, one is leanest.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from vlseg.errors import VlsegError
+from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
+from vlseg.registry import FUSIONS
+
+
+def sinusoidal_grid_3d(shape, dim: int) -> torch.Tensor:
+    """Fixed 3D positions ``[prod(shape), dim]`` on integer voxel indices, the layout of the ``positional-encodings``
+    package (>= 6.0.2): the channels are split into three equal blocks of ``c = 2·ceil(dim / 6)`` (x, then y, then z),
+    each holding, for frequency ``1/10000^(2i/c)``, the pair sin, cos side by side; cut to ``dim``.  Tokens run with
+    the first axis slowest."""
+    block = 2 * math.ceil(dim / 6)
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, block, 2, dtype=torch.float32) / block))
+    parts = []
+    for axis, n in enumerate(shape):
+        angles = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None]
+        pairs = torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(n, block)
+        view = [1, 1, 1, block]
+        view[axis] = n
+        parts.append(pairs.reshape(view).expand(*shape, block))
+    return torch.cat(parts, dim=-1)[..., :dim].reshape(-1, dim)
+
+
+class CrossAttentionLayer(nn.Module):
+    """Pre-norm layer: queries attend to the memory (positions added to the keys), then a ReLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
+        super().__init__()
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
+        self.drop_cross, self.drop_ffn = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``q [Q, B, dim]``, ``memory [N, B, dim]``, ``pos [N, 1, dim]`` (sequence first)."""
+        attended = self.cross_attn(self.norm_cross(q), memory + pos, memory, need_weights=False)[0]
+        q = q + self.drop_cross(attended)
+        return q + self.drop_ffn(self.ffn(self.norm_ffn(q)))
+
+
+def _mlp(width_in: int, hidden: int, width_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width_in, hidden), nn.GELU(), nn.Linear(hidden, width_out))
+
+
+@FUSIONS.register("prompt_decoder")
+class PromptDecoder(Fusion):
+    """Arguments: ``query_dim`` (transformer width), ``heads``, ``layers``, ``ffn_dim``, ``text_hidden`` (hidden width
+    of the text projection), ``stage_hidden`` (of the per-stage projections), ``memory_stage`` (the encoder scale the
+    queries read), ``memory_grid`` (its token grid for a full window: the stored positions; other grids get the same
+    formula), ``fused_stages`` (decoder stages conditioned, counted from the finest), ``channels_per_prompt`` (maps
+    added per fused stage), ``n_conv_per_stage`` (convs per decoder stage), ``prompts_per_pass``, ``dropout``.
+
+    No presence head: the presence logit is the window's highest mask logit ("some voxel is positive").
+    """
+
+    needs_decoder = False
+
+    def __init__(self, text_dim: int, feature_channels: list[int], embed_dim, strides, query_dim: int = 2048,
+                 heads: int = 8, layers: int = 6, ffn_dim: int = 2048, text_hidden: int = 2048,
+                 stage_hidden: int = 2048, memory_stage: int = 4, memory_grid=(12, 12, 12), fused_stages: int = 5,
+                 channels_per_prompt: int = 32, n_conv_per_stage=1, prompts_per_pass: int = 1, dropout: float = 0.1):
+        super().__init__()
+        n = len(feature_channels)
+        if not 1 <= fused_stages <= n - 1:
+            raise VlsegError(f"fusion.fused_stages={fused_stages}: must be 1..{n - 1} for {n} encoder stages")
+        if not 0 <= memory_stage < n:
+            raise VlsegError(f"fusion.memory_stage={memory_stage}: must be 0..{n - 1}")
+        self.channels_per_prompt, self.fused_stages = int(channels_per_prompt), int(fused_stages)
+        self.memory_stage, self.prompts_per_pass = int(memory_stage), max(1, int(prompts_per_pass))
+        self.memory_proj = _mlp(feature_channels[memory_stage], query_dim, query_dim)
+        self.text_proj = _mlp(text_dim, text_hidden, query_dim)
+        # stage_proj[i] conditions the decoder's output at scale i (0: input resolution, where it gives the mask).
+        self.stage_proj = nn.ModuleList(
+            _mlp(query_dim, stage_hidden, feature_channels[i] * (1 if i == 0 else self.channels_per_prompt))
+            for i in range(self.fused_stages))
+        self.register_buffer("pos_embed", sinusoidal_grid_3d(tuple(memory_grid), query_dim)[:, None])
+        self.layers = nn.ModuleList(CrossAttentionLayer(query_dim, heads, ffn_dim, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(query_dim)
+        self._build_decoder(feature_channels, strides, n_conv_per_stage)
+
+    def _build_decoder(self, channels: list[int], strides, n_conv_per_stage) -> None:
+        """Per step up from scale s+1 to s: a transposed conv, a conv stack over [up-sampled, skip] and (for deep
+        supervision) a 1×1×1 head; the input below a fused scale carries the prompt's extra channels."""
+        from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
+
+        n = len(channels)
+        convs = list(n_conv_per_stage) if isinstance(n_conv_per_stage, (list, tuple)) else [n_conv_per_stage] * (n - 1)
+        norm = {"norm_op": nn.InstanceNorm3d, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None,
+                "dropout_op_kwargs": None, "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}}
+        self.transpconvs, self.stages, self.seg_layers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for k in range(n - 1):  # k = 0 is the coarsest step (bottleneck → scale n-2)
+            below, scale = n - 1 - k, n - 2 - k
+            extra = self.channels_per_prompt if below < self.fused_stages else 0
+            stride = tuple(int(v) for v in strides[below])
+            self.transpconvs.append(nn.ConvTranspose3d(channels[below] + extra, channels[scale], stride, stride,
+                                                       bias=True))
+            self.stages.append(StackedConvBlocks(int(convs[k]), nn.Conv3d, 2 * channels[scale], channels[scale], 3, 1,
+                                                 True, **norm))
+            self.seg_layers.append(nn.Conv3d(channels[scale] + self.channels_per_prompt, 1, 1, 1, 0, bias=True))
+
+    def _positions(self, grid) -> torch.Tensor:
+        if self.pos_embed.shape[0] == math.prod(grid):
+            return self.pos_embed
+        return sinusoidal_grid_3d(grid, self.pos_embed.shape[-1])[:, None].to(self.pos_embed)
+
+    def decode_queries(self, memory_feature: torch.Tensor, prompts: torch.Tensor) -> list[torch.Tensor]:
+        """Per fused scale (finest first), each prompt's channel weights ``[B, Q, C_scale · channels]``."""
+        grid = tuple(memory_feature.shape[2:])
+        # Tokens ordered as VoxTell orders them: the array's second, third, then first spatial axis.
+        memory = self.memory_proj(rearrange(memory_feature, "b c d h w -> (h w d) b c"))
+        q = self.text_proj(rearrange(prompts, "b q t -> q b t"))
+        pos = self._positions((grid[1], grid[2], grid[0]))
+        for layer in self.layers:
+            q = layer(q, memory, pos)
+        q = rearrange(self.norm(q), "q b c -> b q c")
+        return [proj(q) for proj in self.stage_proj]
+
+    def run_decoder(self, skips: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """The decoder for ``P`` prompts at once: ``skips`` of batch B, ``weights[i]`` ``[B, P, ...]``.  Returns the
+        mask logits ``[B, P, *grid]`` and the deep-supervision logits (coarse heads, finest first) when training."""
+        b, p = weights[0].shape[:2]
+        below = skips[-1].repeat_interleave(p, dim=0) if p > 1 else skips[-1]
+        heads = []
+        for k, (up, stage) in enumerate(zip(self.transpconvs, self.stages)):
+            scale = len(skips) - 2 - k
+            skip = skips[scale].repeat_interleave(p, dim=0) if p > 1 else skips[scale]
+            x = stage(torch.cat((up(below), skip), dim=1))
+            w = weights[scale].reshape(b * p, -1, x.shape[1]) if scale < self.fused_stages else None
+            if scale == 0:
+                logits = torch.einsum("bcxyz,bkc->bkxyz", x, w).reshape(b, p, *x.shape[2:])
+                return logits, heads[::-1]
+            if w is not None:
+                x = torch.cat((x, torch.einsum("bcxyz,bkc->bkxyz", x, w)), dim=1)
+                if self.training:
+                    heads.append(self.seg_layers[k](x).reshape(b, p, *x.shape[2:]))
+            below = x
+        raise AssertionError("unreachable: the finest scale returns")
+
+    def forward(self, features: ImageFeatures, prompts: torch.Tensor,
+                query_mask: torch.Tensor | None = None) -> FusionOutput:
+        skips = features.skips
+        weights = self.decode_queries(skips[self.memory_stage], prompts)
+        masks, supervision = [], []
+        for start in range(0, prompts.shape[1], self.prompts_per_pass):
+            logits, heads = self.run_decoder(skips, [w[:, start:start + self.prompts_per_pass] for w in weights])
+            masks.append(logits)
+            supervision.append(heads)
+        mask_logits = torch.cat(masks, dim=1)
+        deep = tuple(torch.cat(level, dim=1) for level in zip(*supervision)) if self.training else ()
+        return FusionOutput(mask_logits, mask_logits.flatten(2).amax(2), deep)
