@@ -210,7 +210,10 @@ def write_text_folder(biolord: Path, text_ckpt: Path, out: Path) -> None:
 
 
 class _SatFamily(ReleasedFamily):
-    licence = "Apache-2.0 (code, github zhaoziheng/SAT); weights: see the model card of huggingface.co/zzh99/SAT"
+    # The code repository carries no licence file (checked at commit 5676be5); the weights' terms are those of their
+    # model card, and BioLORD-2023-C's of its own.
+    licence = ("not stated in github zhaoziheng/SAT (no licence file); see the model cards of huggingface.co/zzh99/SAT "
+               "and FremyCompany/BioLORD-2023-C before use")
     config_name = ""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
@@ -231,7 +234,8 @@ class _SatFamily(ReleasedFamily):
 
         if not Path(args.biolord, "config.json").is_file():
             raise VlsegError(f"{args.biolord}: not a transformers folder (no config.json)")
-        state = {k.removeprefix("module."): v for k, v in model_state(args.checkpoint).items()}
+        raw = model_state(args.checkpoint)  # mapped as stored, so that an error names the key as the file has it
+        state = {k.removeprefix("module."): v for k, v in raw.items()}
         cfg = load_config(f"released/{self.config_name}")
         cfg = fill_sizes(cfg, vision_sizes(state, args.checkpoint), args.checkpoint, args.other_widths, self.name)
         cfg["text_encoder"].update({"path": TEXT_DIR, "weights": f"{TEXT_DIR}/{HEAD_FILE}", "modality": args.modality})
@@ -242,7 +246,7 @@ class _SatFamily(ReleasedFamily):
             text = SatTextEncoder(path=str(text_dir), weights=str(text_dir / HEAD_FILE), modality=args.modality)
             identity = {**text.identity(), "path": TEXT_DIR}
             net = build_vision(cfg, text.dim)
-            weights = convert_vision(state, net, str(args.checkpoint))
+            weights = convert_vision(raw, net, str(args.checkpoint))
             provenance = self.provenance(checkpoint=args.checkpoint, text_checkpoint=args.text_checkpoint,
                                          biolord=args.biolord)
             return write_model_dir(out, cfg, weights, Vocabulary.load("default").to_dict(), identity, provenance,
