@@ -18,6 +18,8 @@ What it writes (a few MB in all):
 * ``text.pth``: SAT's ``Knowledge_Encoder`` over a tiny random MPNet (``text_hf/``: config, WordPiece vocabulary laid
   out like BioLORD's, random weights), with ``atlas_tower.*`` and ``temperature`` entries as in the released file;
   ``text_io.json`` prompts, modalities and SAT's embeddings of them.
+* ``positions.safetensors``: the fixed key positions of SAT's full-size models (``PositionalEncoding3D(768)`` over
+  the 9 × 9 × 3 token grid of a 288 × 288 × 96 window, tokens in SAT's ``(h w d)`` order; float16);
 * ``nano_shapes.json``, ``pro_shapes.json``: key → shape of the full-size SAT-Nano / SAT-Pro vision state dicts, as
   the released checkpoints name them (``module.`` prefix, deep-supervision heads included), built on the meta device.
 
@@ -233,6 +235,14 @@ def full_size_shapes(sat: dict, backbone: str, positional_stub: type) -> dict:
     return {"module." + k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+def make_positions(sat: dict, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    grid = (288 // 32, 288 // 32, 96 // 32)
+    pos = sat["PositionalEncoding3D"](768)(torch.zeros(1, *grid, 768)).reshape(-1, 768)
+    save_file({"positions": pos.half().contiguous()}, str(out / "positions.safetensors"), metadata={"grid": str(grid)})
+
+
 class _ZeroPositions(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -252,6 +262,7 @@ def main() -> None:
     sat = import_sat(args.sat)
     queries = make_text(sat, args.out)
     make_vision(sat, args.out, queries)
+    make_positions(sat, args.out)
     if not args.skip_full_size:
         for name, backbone in (("nano", "UNET"), ("pro", "UNET-L")):
             shapes = full_size_shapes(sat, backbone, _ZeroPositions)
