@@ -8,29 +8,68 @@ decoder outputs and dropping its output convolution (replaced by a 1×1×1 proje
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlseg.models.features import ImageEncoder, ImageFeatures
 from vlseg.registry import IMAGE_ENCODERS
 
 
+def _patch_merging_monai09():
+    """MONAI 0.9's patch merging, which CLIP-Universal's copy of SwinUNETR carries (built lazily: MONAI is imported
+    only when a SwinUNETR is)."""
+    from monai.networks.nets.swin_unetr import PatchMergingV2
+
+    class PatchMergingMonai09(PatchMergingV2):
+        """Of the eight voxels of each 2×2×2 block it concatenates (0,0,0), (1,0,0), (0,1,0), (0,0,1), (1,0,1), then
+        (0,1,0) and (0,0,1) a second time and (1,1,1): (1,1,0) and (0,1,1) never reach the next stage.  MONAI 1.0
+        corrected the order (``"merging"``); weights trained with the old one need it."""
+
+        OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() != 5:
+                return super().forward(x)
+            _, d, h, w, _ = x.shape
+            if d % 2 or h % 2 or w % 2:
+                x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+            x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], -1)
+            return self.reduction(self.norm(x))
+
+    return PatchMergingMonai09
+
+
+DOWNSAMPLE = ("merging", "mergingv2", "merging_monai09")
+
+
 @IMAGE_ENCODERS.register("swinunetr")
 class SwinUNETREncoder(ImageEncoder):
-    """SwinUNETR (the CLIP-Driven Universal Model's backbone at ``feature_size=48``); input sides divisible by 32."""
+    """SwinUNETR (the CLIP-Driven Universal Model's backbone at ``feature_size=48``); input sides divisible by 32.
+
+    ``downsample``: the patch merging between the Swin stages: MONAI's ``"merging"`` (default) or ``"mergingv2"``
+    (the same weights, the eight voxels of each 2×2×2 block concatenated in another order: not interchangeable for
+    trained weights), or ``"merging_monai09"``, MONAI 0.9's order, which drops two of the eight voxels and repeats
+    two others; CLIP-Universal's released Swin was trained with it (its repository carries a copy of that SwinUNETR).  ``embed_dim``: width of the 1×1×1 projection that
+    makes the voxel embedding from the decoder's ``feature_size`` output channels; None hands those channels on as they
+    are (CLIP-Universal's head reads them directly).
+    """
 
     def __init__(self, in_channels: int = 1, feature_size: int = 48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
-                 embed_dim: int = 32, use_v2: bool = False):
+                 embed_dim: int | None = 32, use_v2: bool = False, downsample: str = "merging"):
         super().__init__()
         from monai.networks.nets import SwinUNETR
 
+        if downsample not in DOWNSAMPLE:
+            raise ValueError(f"image_encoder.downsample={downsample!r}: choose one of {', '.join(DOWNSAMPLE)}")
+        merging = _patch_merging_monai09() if downsample == "merging_monai09" else downsample
         self.net = SwinUNETR(in_channels=in_channels, out_channels=1, feature_size=feature_size, depths=tuple(depths),
-                             num_heads=tuple(num_heads), use_v2=use_v2)
+                             num_heads=tuple(num_heads), use_v2=use_v2, downsample=merging)
         self.net.out = nn.Identity()  # logits are the fusion's job
         fs = feature_size
         self.feature_channels = [fs, fs, 2 * fs, 4 * fs, 8 * fs, 16 * fs]
-        self.embed_dim = embed_dim
+        self.embed_dim = embed_dim or fs
         self.strides = [(1, 1, 1)] + [(2, 2, 2)] * 5
-        self.embed = nn.Conv3d(fs, embed_dim, kernel_size=1)
+        self.embed = nn.Conv3d(fs, embed_dim, kernel_size=1) if embed_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> ImageFeatures:
         n = self.net

@@ -7,7 +7,14 @@ the decoder's last features.  Written here because neither MONAI nor the origina
 reusable module; the batched einsum evaluates every query's head in one pass instead of a grouped convolution loop.
 
 vlseg adds a presence logit per query (a linear read-out of the controller input), so the head fits the same
-interface and losses as the query decoder; ``loss.presence_weight=0`` leaves it untrained.
+interface and losses as the query decoder; ``loss.presence_weight=0`` leaves it untrained.  ``presence_head:
+max_logit`` has no such read-out and gives the largest mask logit of the window instead ("present" = some voxel is
+positive), the only reading a released model without a presence head allows.
+
+The released CLIP-Universal head, exactly (``configs/released/clip-universal-*.yaml``): ``code_relu: true`` (its
+text projection 512→256 is followed by a ReLU), ``param_order: weights_first`` (its controller's 153 outputs hold
+the three layers' weights, then the three biases; vlseg's default keeps each layer's weights and bias together),
+``presence_head: max_logit``.  The controller is a ``Linear`` here, a 1×1×1 ``Conv3d`` there: the same weights.
 
 Mind the learning rate.  Every generated weight is a sum over the controller's 512 inputs, so one Adam step of size
 ``lr`` on each controller weight can move a generated bias by about ``lr × 512 × |input|``.  At the 2e-3 that trains
@@ -31,11 +38,17 @@ class DynamicHead(Fusion):
     """CLIP-Driven Universal Model: projected text embedding ⊕ global image vector → controller → dynamic head."""
 
     def __init__(self, text_dim: int, feature_channels: list[int], embed_dim: int, head_channels: int = 8,
-                 head_layers: int = 3, code_dim: int | None = 256, global_dim: int = 256):
+                 head_layers: int = 3, code_dim: int | None = 256, global_dim: int = 256, code_relu: bool = False,
+                 param_order: str = "per_layer", presence_head: str = "linear"):
         super().__init__()
         if head_layers < 1:
             raise ValueError("fusion.head_layers must be at least 1")
+        if param_order not in ("per_layer", "weights_first"):
+            raise ValueError(f"fusion.param_order={param_order!r}: choose 'per_layer' or 'weights_first'")
+        if presence_head not in ("linear", "max_logit"):
+            raise ValueError(f"fusion.presence_head={presence_head!r}: choose 'linear' or 'max_logit'")
         self.head_channels, self.head_layers = head_channels, head_layers
+        self.code_relu, self.param_order = bool(code_relu), param_order
         # The global image vector: normalised, rectified bottleneck features, averaged, projected.
         bottleneck = feature_channels[-1]
         self.global_proj = nn.Sequential(nn.GroupNorm(min(16, bottleneck), bottleneck), nn.ReLU(inplace=True),
@@ -46,12 +59,14 @@ class DynamicHead(Fusion):
         self.shapes = [(head_channels, head_channels)] * (head_layers - 1) + [(1, head_channels)]
         self.n_params = sum(o * i + o for o, i in self.shapes)
         self.controller = nn.Linear(controller_in, self.n_params)
-        self.presence = nn.Linear(controller_in, 1)
+        self.presence = nn.Linear(controller_in, 1) if presence_head == "linear" else None
         self.voxel_proj = nn.Sequential(nn.GroupNorm(min(16, embed_dim), embed_dim), nn.ReLU(inplace=True),
                                         nn.Conv3d(embed_dim, head_channels, 1))
 
     def _head_params(self, theta: torch.Tensor):
         """Split ``[B, Q, n_params]`` into per-layer weights ``[B, Q, out, in]`` and biases ``[B, Q, out]``."""
+        if self.param_order == "weights_first":
+            return self._head_params_weights_first(theta)
         out, i = [], 0
         for o, c in self.shapes:
             w = theta[..., i:i + o * c].unflatten(-1, (o, c))
@@ -61,11 +76,18 @@ class DynamicHead(Fusion):
             out.append((w, b))
         return out
 
+    def _head_params_weights_first(self, theta: torch.Tensor):
+        sizes = [o * c for o, c in self.shapes] + [o for o, _ in self.shapes]
+        parts = torch.split(theta, sizes, dim=-1)
+        n = len(self.shapes)
+        return [(parts[k].unflatten(-1, self.shapes[k]), parts[n + k]) for k in range(n)]
+
     def forward(self, features: ImageFeatures, prompts: torch.Tensor,
                 query_mask: torch.Tensor | None = None) -> FusionOutput:
         """``prompts`` ``[B, Q, text_dim]``; every query has its own head, so ``query_mask`` changes nothing."""
         g = self.global_proj(features.decoder[-1]).flatten(1)  # [B, G]
         code = self.code_proj(prompts.to(g.dtype)) if self.code_proj is not None else prompts.to(g.dtype)
+        code = F.relu(code) if self.code_relu else code
         ctrl_in = torch.cat([g[:, None].expand(-1, code.shape[1], -1), code], dim=-1)  # [B, Q, G + C]
         theta = self.controller(ctrl_in)
         x = self.voxel_proj(features.voxel_embedding.to(g.dtype))  # [B, 8, D, H, W]
@@ -74,7 +96,10 @@ class DynamicHead(Fusion):
         h = torch.einsum("bqoc,bcxyz->bqoxyz", w, x) + b[..., None, None, None]
         for w, b in params[1:]:
             h = torch.einsum("bqoc,bqcxyz->bqoxyz", w, F.relu(h)) + b[..., None, None, None]
-        return FusionOutput(h[:, :, 0], self.presence(ctrl_in).squeeze(-1))
+        logits = h[:, :, 0]
+        if self.presence is None:
+            return FusionOutput(logits, logits.flatten(2).amax(-1))
+        return FusionOutput(logits, self.presence(ctrl_in).squeeze(-1))
 
 
 @FUSIONS.register("dodnet")
