@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 NUM_CLASSES = 32
-INPUT_SHAPES = {"unet": (48, 40, 32), "swinunetr": (64, 64, 32)}  # non-cubic; Swin sides divisible by 32
+INPUT_SHAPES = {"unet": (48, 40, 32), "swinunetr": (64, 32, 32)}  # non-cubic; Swin sides divisible by 32
 FULL_CLASSES = (0, 31)
 SAMPLED_VOXELS = 4096
 
