@@ -29,6 +29,7 @@ SAT's modules are imported from the checkout; this script only builds them at a 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -59,11 +60,10 @@ def import_sat(sat: Path) -> dict:
     import dynamic_network_architectures
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-    from positional_encodings.torch_encodings import PositionalEncoding3D
-
     from model.knowledge_encoder import Knowledge_Encoder
     from model.maskformer import Maskformer
     from model.transformer_decoder import TransformerDecoder, TransformerDecoderLayer
+    from positional_encodings.torch_encodings import PositionalEncoding3D
 
     where = Path(dynamic_network_architectures.__file__).resolve()
     if sat.resolve() not in where.parents:
@@ -76,7 +76,7 @@ def import_sat(sat: Path) -> dict:
 def mlp(sizes: list[int], last_gelu: bool) -> nn.Sequential:
     """Linear–GELU stacks laid out as SAT's projection heads (indices 0, 2, …)."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if last_gelu or i < len(sizes) - 2:
             layers.append(nn.GELU())

@@ -14,6 +14,7 @@ presence head, the window's largest mask logit as the presence logit ("some voxe
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -77,7 +78,7 @@ _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 def _mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
     """Linear layers with a GELU between them (indices 0, 2, …), and after the last one too if ``last_activation``."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if last_activation or i < len(sizes) - 2:
             layers.append(nn.GELU())

@@ -47,13 +47,14 @@ def modality_code(name: str) -> int:
 
 def read_head(path: Path) -> dict[str, torch.Tensor]:
     """The projection and modality embedding of a SAT text tower, checked for completeness and consistent shapes."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise VlsegError(f"{path}: SAT text head (projection and modality embedding) not found")
     try:
         head = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
+    except (SafetensorError, OSError) as exc:
         raise VlsegError(f"{path}: not a safetensors file ({str(exc).splitlines()[0]})") from None
     missing = [k for k in HEAD_KEYS if k not in head]
     extra = sorted(set(head) - set(HEAD_KEYS))
@@ -117,7 +118,8 @@ class SatTextEncoder(TextEncoder):
 
     def _build_head(self, head: dict[str, torch.Tensor]) -> None:
         hidden = int(self.model.config.hidden_size)
-        w0, w2, table = head["projection_layer.0.weight"], head["projection_layer.2.weight"], head["modality_embed.weight"]
+        w0, w2 = head["projection_layer.0.weight"], head["projection_layer.2.weight"]
+        table = head["modality_embed.weight"]
         if w0.shape[1] != hidden or w2.shape[1] != w0.shape[0] or table.shape[1] != w2.shape[0]:
             raise VlsegError(f"{self.head_path}: projection {tuple(w0.shape)} → {tuple(w2.shape)} and modality "
                              f"embedding {tuple(table.shape)} do not fit a {hidden}-wide tower")
