@@ -169,6 +169,16 @@ def test_missing_key_is_refused(tmp_path):
     assert "fusion.mask_head.2.bias" in one_line_error(tmp_path, path)
 
 
+def test_checkpoint_without_deep_supervision_heads(tmp_path):
+    def drop(state):
+        for key in [k for k in state if "mid_mask_embed_proj" in k]:
+            del state[key]
+
+    out = convert(tmp_path / "out", rewritten(tmp_path, drop))
+    net, _, _, cfg, _ = network_from_checkpoint(out)
+    assert cfg["fusion"]["deep_supervision"] == 0 and not any("aux_heads" in k for k in net.state_dict())
+
+
 def test_other_widths_need_the_flag(tmp_path):
     with pytest.raises(VlsegError, match="features_per_stage"):
         convert(tmp_path / "out", FIXTURES / "vision.pth", other_widths=False)
