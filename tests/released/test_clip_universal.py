@@ -20,9 +20,9 @@ import torch
 
 from vlseg.errors import VlsegError
 from vlseg.models.network import VLSegNet, build_fusion, network_from_checkpoint
+from vlseg.registry import IMAGE_ENCODERS
 from vlseg.released.base import RELEASED, map_state
 from vlseg.released.clip_universal import CLASSES, prepare
-from vlseg.registry import IMAGE_ENCODERS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clip_universal"
 FAMILIES = {"unet": "clip-universal-unet", "swinunetr": "clip-universal-swin"}
@@ -59,8 +59,8 @@ def digest(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def released_net(backbone: str) -> tuple[dict, dict, np.lib.npyio.NpzFile]:
-    """``(meta, ckpt['net'], reference arrays)`` of a fixture, in the released checkpoint's naming."""
+def released_net(backbone: str) -> dict[str, torch.Tensor]:
+    """A fixture's ``ckpt['net']``, in the released checkpoint's naming."""
     meta = json.loads((FIXTURES / f"{backbone}.json").read_text())
     ref = np.load(FIXTURES / f"{backbone}.npz")
     weights = drawn_weights(meta["keys"], meta["seed"])
@@ -70,7 +70,7 @@ def released_net(backbone: str) -> tuple[dict, dict, np.lib.npyio.NpzFile]:
         if key not in net:
             stored = ref[f"int:{key}"] if f"int:{key}" in ref.files else np.zeros(entry["shape"], np.int64)
             net[key] = torch.from_numpy(np.array(stored))
-    return meta, net, ref
+    return net
 
 
 def convert(backbone: str, net: dict, tmp: Path, txt: Path | None = None) -> Path:
@@ -87,8 +87,7 @@ def imported(tmp_path_factory):
 
     def get(backbone: str):
         if backbone not in made:
-            meta, net, ref = released_net(backbone)
-            made[backbone] = (convert(backbone, net, tmp_path_factory.mktemp(backbone)), ref)
+            made[backbone] = convert(backbone, released_net(backbone), tmp_path_factory.mktemp(backbone))
         return made[backbone]
 
     return get
@@ -96,8 +95,8 @@ def imported(tmp_path_factory):
 
 @pytest.mark.parametrize("backbone", ["unet", "swinunetr"])
 def test_logits_match_the_original(imported, backbone):
-    model_dir, ref = imported(backbone)
-    net, text_encoder, vocabulary, cfg, meta = network_from_checkpoint(model_dir)
+    ref = np.load(FIXTURES / f"{backbone}.npz")
+    net, text_encoder, _, _, meta = network_from_checkpoint(imported(backbone))
     assert meta["provenance"]["family"] == FAMILIES[backbone] and "CC BY-NC-ND" in meta["provenance"]["licence"]
     caught = {}
     net.fusion.global_proj.register_forward_hook(lambda m, i, o: caught.__setitem__("gap", o.flatten(1)))
@@ -139,7 +138,7 @@ def test_full_size_keys_map_one_to_one(backbone):
 def test_prompts_outside_the_32_classes_are_refused(imported):
     from vlseg.vocab.prompts import interpret_prompts
 
-    net, text_encoder, vocabulary, cfg, meta = network_from_checkpoint(imported("unet")[0])
+    _, text_encoder, vocabulary, _, _ = network_from_checkpoint(imported("unet"))
     assert text_encoder.encode(["Liver Tumor", " celiac truck "]).shape == (2, 512)
     with pytest.raises(VlsegError, match=r"'brain' is not in this model's embedding bank.*spleen, right kidney"):
         text_encoder.encode(["brain"])
@@ -152,7 +151,7 @@ def test_prompts_outside_the_32_classes_are_refused(imported):
 def test_txt_encoding_from_cuda_is_read_and_checked(tmp_path):
     """The original's txt_encoding.pth is float16 saved from cuda:0: read on the CPU, it must agree with the
     checkpoint's organ_embedding; one that does not is refused."""
-    meta, net, ref = released_net("unet")
+    net = released_net("unet")
     assert convert("unet", net, tmp_path, FIXTURES / "txt_encoding.pth").is_dir()
     other = tmp_path / "other.pth"
     torch.save(torch.zeros(32, 512, dtype=torch.float16), other)
@@ -167,7 +166,7 @@ def test_txt_encoding_from_cuda_is_read_and_checked(tmp_path):
     ("swin", r"holds the other backbone's keys"),
 ])
 def test_checkpoints_that_do_not_fit_are_refused_naming_the_key(tmp_path, change, message):
-    meta, net, ref = released_net("unet")
+    net = released_net("unet")
     if change == "extra":
         net["module.backbone.down_tr64.ops.2.conv1.weight"] = torch.zeros(3)
     elif change == "shape":
@@ -178,3 +177,25 @@ def test_checkpoints_that_do_not_fit_are_refused_naming_the_key(tmp_path, change
         net["module.swinViT.patch_embed.proj.weight"] = torch.zeros(1)
     with pytest.raises(VlsegError, match=message):
         convert("unet", net, tmp_path)
+
+
+def test_unet_trains_and_keeps_per_window_statistics_in_eval():
+    """The U-Net at a small width: it trains with ordinary batch normalisation; in eval, ``batch_stats_in_eval``
+    normalises each sample with its own statistics (a window's answer does not depend on its batch), otherwise the
+    running averages are used."""
+    from vlseg.models.encoders.clip_unet import ClipUniversalUNet
+
+    torch.manual_seed(0)
+    encoder = ClipUniversalUNet(width=8, batch_stats_in_eval=True)
+    x = torch.rand(2, 1, 16, 16, 8)
+    features = encoder(x)
+    assert [t.shape[1] for t in features.decoder] == encoder.feature_channels == [16, 32, 64, 128]
+    features.voxel_embedding.mean().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+    encoder.eval()
+    with torch.no_grad():
+        both = encoder(x).voxel_embedding
+        assert torch.allclose(both[1:], encoder(x[1:]).voxel_embedding, atol=1e-5)
+        for module in encoder.modules():
+            module.batch_stats_in_eval = False
+        assert not torch.allclose(both[1:], encoder(x[1:]).voxel_embedding, atol=1e-3)

@@ -49,9 +49,9 @@ class SwinUNETREncoder(ImageEncoder):
     ``downsample``: the patch merging between the Swin stages: MONAI's ``"merging"`` (default) or ``"mergingv2"``
     (the same weights, the eight voxels of each 2×2×2 block concatenated in another order: not interchangeable for
     trained weights), or ``"merging_monai09"``, MONAI 0.9's order, which drops two of the eight voxels and repeats
-    two others; CLIP-Universal's released Swin was trained with it (its repository carries a copy of that SwinUNETR).  ``embed_dim``: width of the 1×1×1 projection that
-    makes the voxel embedding from the decoder's ``feature_size`` output channels; None hands those channels on as they
-    are (CLIP-Universal's head reads them directly).
+    two others; CLIP-Universal's released Swin was trained with it (its repository carries a copy of that SwinUNETR).
+    ``embed_dim``: width of the 1×1×1 projection that makes the voxel embedding from the decoder's ``feature_size``
+    output channels; None hands those channels on as they are (CLIP-Universal's head reads them directly).
     """
 
     def __init__(self, in_channels: int = 1, feature_size: int = 48, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
