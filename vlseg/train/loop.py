@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlseg.checkpoint import list_checkpoints
+from vlseg.checkpoint import list_checkpoints, resolve_checkpoint
 from vlseg.config import DataSection, TrainSection
-from vlseg.models.network import build_network
+from vlseg.models.network import build_network, with_model_paths
 from vlseg.registry import LOSSES
 from vlseg.train.corpus import training_corpus
 from vlseg.train.crops import CropDataset, collate
@@ -48,6 +48,8 @@ from vlseg.train.step import Stepper
 def build_model(cfg: dict, train: TrainSection, vocabulary, start: RunStart, main: bool):
     """The network and text encoder, with the weights the run starts from; a fresh network fits its prompt
     standardisation to the vocabulary's embeddings (computed once, on the main process, for a frozen encoder)."""
+    if train.init_from:  # an imported model keeps its text files in its folder: the run records where they are
+        cfg["text_encoder"] = with_model_paths(cfg, resolve_checkpoint(train.init_from))["text_encoder"]
     with unpartitioned_construction():
         net, text_encoder = build_network(cfg, vocabulary)
     loaded = load_starting_weights(net, text_encoder, start, train.init_from)
