@@ -58,7 +58,8 @@ DEFAULTS: dict[str, Any] = {
         "thin_prob": 0.0,  # chance a crop is cut to a thin slab whose edge slices repeat (thin-scan simulation)
         "thin_slices": [8, 20],  # slab thickness range, in slices of the crop
         "intensity": "vlseg",  # normalisation scheme (vlseg.transforms.intensity): vlseg, window_unit, ...
-        "crop_nonzero": False,  # inference: work on the box of non-zero voxels only (nnU-Net, VoxTell)
+        # inference on the box of voxels != 0 ("nonzero": nnU-Net, VoxTell) or > 0 ("positive": SAT); None: all
+        "crop_foreground": None,
         "axis_order": "xyz",  # the array axes the network sees: xyz (RAS, as MONAI) or zyx (as nnU-Net)
         "synthesis": {  # synthetic lesions inside an annotated organ, learnt as their own class (vlseg.data.synth)
             "enabled": False,
@@ -290,7 +291,7 @@ class DataSection:
     thin_prob: float
     thin_slices: tuple[int, ...]
     intensity: str
-    crop_nonzero: bool
+    crop_foreground: str | None
     axis_order: str
     synthesis: dict  # its lesion parameters are free-form: vlseg.transforms.lesions.LesionConfig reads them
 

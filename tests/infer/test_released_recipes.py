@@ -83,11 +83,14 @@ def test_largest_component_keeps_the_biggest_blob():
     assert kept.sum() == 64 and kept[6, 6, 6] == 1 and kept[0, 0, 0] == 0
 
 
-def test_nonzero_box():
-    from vlseg.infer.segmenter import nonzero_box
+def test_foreground_boxes():
+    from vlseg.infer.segmenter import foreground_box
 
     data = np.zeros((6, 7, 8))
     data[1:3, 2:5, 3:4] = -1000
-    lo, hi = nonzero_box(data)
+    data[2, 3, 3] = 40
+    lo, hi = foreground_box(data, "nonzero")
     assert lo.tolist() == [1, 2, 3] and hi.tolist() == [3, 5, 4]
-    assert nonzero_box(np.zeros((3, 3, 3))) is None
+    lo, hi = foreground_box(data, "positive")
+    assert lo.tolist() == [2, 3, 3] and hi.tolist() == [3, 4, 4]
+    assert foreground_box(np.zeros((3, 3, 3)), "nonzero") is None and foreground_box(data, None) is None

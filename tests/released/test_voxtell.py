@@ -44,7 +44,7 @@ def test_imported_logits_equal_voxtells_own(released):
     assert cfg["data"]["axis_order"] == "zyx" and cfg["fusion"]["channels_per_prompt"] == 4
     torch.manual_seed(1)
     x = torch.randn(1, 1, 192, 192, 192)
-    emb = text_encoder.encode(PROMPTS)[None]
+    emb = text_encoder.encode(PROMPTS[:1])[None]  # one prompt: VoxTell decodes each prompt alone anyway
     assert torch.equal(emb[0, 0], torch.from_numpy(released["bank"]["Liver"].astype(np.float32)))  # case-insensitive
     with torch.no_grad():
         theirs = released["model"](x, emb[:, :, None])
@@ -158,3 +158,25 @@ def test_positions_follow_the_positional_encodings_package():
     for shape, dim in [((12, 12, 12), 64), ((3, 5, 4), 70)]:
         theirs = PositionalEncoding3D(dim)(torch.zeros(1, *shape, dim)).reshape(-1, dim)
         assert torch.allclose(sinusoidal_grid_3d(shape, dim), theirs, atol=1e-5)
+
+
+def test_prompts_decoded_together_equal_prompts_decoded_alone():
+    """prompts_per_pass only trades memory for speed: three prompts in one pass give each prompt's own logits."""
+    from vlseg.config import load_config
+    from vlseg.models.network import build_fusion
+    from vlseg.registry import IMAGE_ENCODERS
+
+    cfg = load_config("released/voxtell", ["image_encoder.n_blocks_per_stage=1", "fusion.query_dim=32",
+                                           "fusion.text_hidden=32", "fusion.stage_hidden=32", "fusion.ffn_dim=64",
+                                           "fusion.channels_per_prompt=2", "fusion.layers=1", "fusion.dropout=0"])
+    torch.manual_seed(0)
+    encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
+    fusion = build_fusion(cfg, encoder, 24).eval()
+    features = encoder.eval()(torch.randn(1, 1, 64, 64, 64))
+    prompts = torch.randn(1, 3, 24)
+    with torch.no_grad():
+        alone = fusion(features, prompts).mask_logits
+        fusion.prompts_per_pass = 3
+        together = fusion(features, prompts)
+    assert torch.allclose(alone, together.mask_logits, atol=1e-5)
+    assert torch.equal(together.presence_logits, together.mask_logits.flatten(2).amax(2))

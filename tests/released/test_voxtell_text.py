@@ -46,8 +46,8 @@ def _voxtells_embeddings(folder, prompts):
 
 def test_last_token_embeddings_equal_voxtells(tiny_qwen, tmp_path):
     from vlseg.models.text.bank import EmbeddingBank, write_bank
-    from vlseg.released.voxtell import INSTRUCTION
     from vlseg.registry import TEXT_ENCODERS
+    from vlseg.released.voxtell import INSTRUCTION
 
     prompts = ["Liver", "cyst in the left kidney", "segment the liver"]  # different lengths: padding matters
     theirs = _voxtells_embeddings(tiny_qwen, prompts)

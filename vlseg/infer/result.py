@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,8 +111,9 @@ class SegmentationResult:
         try:
             stems = file_stems(r.prompt for r in self.results)
             files = {p: f"{stem}.nii.gz" for p, stem in stems.items()}
-            for r in self.results:
-                save_like(r.mask, self.scan, tmp / files[r.prompt])
+            # Two writers: compression releases the GIL, and most of a mask's file is a reused member of zeros
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                list(pool.map(lambda r: save_like(r.mask, self.scan, tmp / files[r.prompt]), self.results))
             written = {p: out_dir / f for p, f in files.items()}
             if overlay:
                 save_overlay(self.scan.data, {r.prompt: r.mask for r in self.results},

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vlseg.config import DataSection, InferenceSection
+from vlseg.errors import VlsegError
 from vlseg.infer.result import PromptResult, SegmentationResult
 from vlseg.infer.stitching import BoxMask, stitch, upsample_box
 from vlseg.io.scan import load_scan
@@ -39,9 +40,17 @@ def parse_spacing(value) -> tuple[float, float, float]:
     return positive_triple(value, "the spacing (mm)", where="spacing")
 
 
-def nonzero_box(data) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(lo, hi)`` of the voxels that are not zero (nnU-Net's crop before inference); None when all are."""
-    box = mask_box(np.asarray(data) != 0)
+FOREGROUND_RULES = {"nonzero": np.not_equal, "positive": np.greater}
+
+
+def foreground_box(data, rule: str | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(lo, hi)`` of the foreground voxels by ``rule`` (``nonzero``: != 0, nnU-Net's crop; ``positive``: > 0, MONAI's
+    CropForeground as SAT uses it); None without a rule or when no voxel is foreground."""
+    if rule is None:
+        return None
+    if rule not in FOREGROUND_RULES:
+        raise VlsegError(f"data.crop_foreground={rule!r}: use null, 'nonzero' or 'positive'")
+    box = mask_box(FOREGROUND_RULES[rule](np.asarray(data), 0))
     return None if box is None else (np.asarray(box[0]), np.asarray(box[1]))
 
 
@@ -182,6 +191,8 @@ class Segmenter:
         (plus a quarter window); the pass at the working spacing then covers only that box, for those prompts."""
         prompts = validate_prompts(prompts)
         interpret = interpret and self.settings.interpret_prompts
+        if hasattr(self.text_encoder, "use_modality"):  # towers that embed the modality with the prompt (SAT)
+            self.text_encoder.use_modality(modality)
         matches = self.understand(prompts) if interpret else [
             PromptMatch(p, p, self.vocabulary.resolve(p), "as written") for p in prompts]
         settings, data_cfg = self.settings, DataSection.from_config(self.config)
@@ -194,8 +205,8 @@ class Segmenter:
         spacing = data_cfg.working_spacing()  # the rule training recorded it by
         if coarsen != 1.0:
             spacing = [float(coarsen) * float(v) for v in (spacing if spacing is not None else scan.spacing)]
-        # crop_nonzero: the model sees only the box of non-zero voxels; outside it every mask is empty
-        box = nonzero_box(scan.data) if data_cfg.crop_nonzero else None
+        # crop_foreground: the model sees only the box of the foreground voxels; outside it every mask is empty
+        box = foreground_box(scan.data, data_cfg.crop_foreground)
         data, frame = to_model_frame(scan if box is None else dataclasses.replace(
             scan, data=scan.data[tuple(slice(a, b) for a, b in zip(*box))]), modality, data_cfg.ct_window, spacing,
                                      data_cfg.intensity)

@@ -191,7 +191,7 @@ class PromptStitcher:
         if region is not None:  # only the windows that overlap the box [lo, hi) (coarse-to-fine); zero elsewhere
             lo, hi = region
             self.corners = [c for c in self.corners
-                            if all(s < h and s + r > l for s, r, l, h in zip(c, self.roi, lo, hi))]
+                            if all(s < h and s + r > a for s, r, a, h in zip(c, self.roi, lo, hi))]
         weight = compute_importance_map(self.roi, mode="gaussian", sigma_scale=0.125, device="cpu").float()
         self.weight = torch.clamp(weight, min=max(float(weight.min()), 1e-3))  # (as MONAI: no zero weights)
         self.weight_sum = np.zeros(self.grid_shape, np.float32)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.volumeutils import native_code
 
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError, first_line, shape_str
@@ -47,6 +49,52 @@ def _checked(arr, scan: Scan, path: Path, dtype) -> tuple[np.ndarray, np.dtype]:
     return arr, dtype
 
 
+ZERO_MEMBERS: dict[int, bytes] = {}  # length → a gzip member of that many zero bytes, compressed once
+
+
+def _member(block: np.ndarray | None, length: int) -> bytes:
+    """One gzip member: of ``block``'s bytes, or (None) of ``length`` zero bytes, compressed once per length."""
+    if block is not None:
+        return gzip.compress(block.tobytes(), compresslevel=1, mtime=0)
+    if length not in ZERO_MEMBERS:
+        ZERO_MEMBERS[length] = gzip.compress(bytes(length), compresslevel=1, mtime=0)
+    return ZERO_MEMBERS[length]
+
+
+def write_nifti_gz(img: nib.Nifti1Image, data: np.ndarray, path: Path, member_bytes: int = 1 << 22) -> None:
+    """A single-file NIfTI-1 as a gzip file of several members, each a group of planes along the last axis (NIfTI's
+    slowest): a group without any voxel set (most of a mask) is a member of zeros compressed once and reused, so
+    writing costs in proportion to the mask's extent, not the scan's size.  Concatenated members are standard gzip
+    (RFC 1952): zlib, Python's gzip, nibabel and ITK read them as one stream."""
+    header = img.header.copy()
+    header.extensions.clear()
+    header["vox_offset"] = 352
+    plane = int(np.prod(data.shape[:-1])) * data.dtype.itemsize
+    group = max(1, member_bytes // max(plane, 1))
+    box = _nonzero_box(data)
+    with open(path, "wb") as fh:
+        fh.write(gzip.compress(header.binaryblock + b"\0" * 4, compresslevel=1, mtime=0))
+        for z0 in range(0, data.shape[-1], group):
+            z1 = min(z0 + group, data.shape[-1])
+            block = None
+            if box is not None and z0 < box[1][2] and z1 > box[0][2]:  # planes the mask reaches: zeros + its box
+                block = np.zeros((z1 - z0, data.shape[1], data.shape[0]), data.dtype)
+                (x0, y0, _), (x1, y1, _) = box
+                block[:, y0:y1, x0:x1] = data[x0:x1, y0:y1, z0:z1].transpose()
+            fh.write(_member(block, plane * (z1 - z0)))
+
+
+def _nonzero_box(data: np.ndarray):
+    """``(lo, hi)`` of the non-zero voxels of a 3D array, reading the whole array once and then only the planes the
+    mask reaches; None when all are zero."""
+    planes = np.nonzero(data.any(axis=(0, 1)))[0]
+    if planes.size == 0:
+        return None
+    footprint = data[:, :, planes[0]:planes[-1] + 1].any(axis=2)
+    xs, ys = np.nonzero(footprint.any(axis=1))[0], np.nonzero(footprint.any(axis=0))[0]
+    return (xs[0], ys[0], planes[0]), (xs[-1] + 1, ys[-1] + 1, planes[-1] + 1)
+
+
 def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
     """Write a canonical-grid 3D array as NIfTI in the scan's original shape, orientation and affine.
 
@@ -81,7 +129,10 @@ def save_like(arr, scan: Scan, path, dtype=np.uint8) -> Path:
 
     try:
         with atomic_path(path, suffix=f".tmp{suffix}") as tmp:
-            nib.save(img, tmp)
+            if suffix == ".nii.gz" and data.dtype == np.uint8 and img.header.endianness == native_code:
+                write_nifti_gz(img, data, tmp)
+            else:
+                nib.save(img, tmp)
     except OSError as exc:
         raise VlsegError(f"{path}: cannot write ({exc.strerror or first_line(exc)})") from None
     return path

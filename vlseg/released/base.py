@@ -40,7 +40,12 @@ def read_torch_file(path: str | Path) -> dict:
         raise VlsegError(f"{path}: file not found")
     try:
         with torch.serialization.safe_globals(numpy_data_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: a multi-GB training checkpoint (optimiser state included) is not read whole
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or ["unsafe object"])[0]
         raise VlsegError(f"{path}: refused, unpickling it would need arbitrary code ({first[:200]}); vlseg reads "

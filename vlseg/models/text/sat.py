@@ -130,6 +130,13 @@ class SatTextEncoder(TextEncoder):
         self.modality_embed.load_state_dict({"weight": table})
         self.dim = int(table.shape[1])
 
+    def use_modality(self, name: str) -> None:
+        """Embed the next prompts for scans of modality ``name`` (``vlseg predict --modality``: CT, MR, ...)."""
+        code = modality_code(str(name).lower())
+        if code >= self.modality_embed.num_embeddings:
+            raise VlsegError(f"{self.head_path}: no modality embedding for {name!r}")
+        self.modality, self.code = str(name).lower(), code
+
     def identity(self) -> dict:
         return {"name": "sat", "path": self.spec, "modality": self.modality, "max_length": self.max_length,
                 "fingerprint": self.fingerprint}
