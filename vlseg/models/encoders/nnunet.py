@@ -49,6 +49,7 @@ def _layers(conv_bias: bool, norm_eps: float) -> dict:
 
 class _NNUNetEncoderBase(ImageEncoder):
     in_channels: int
+    encoder: nn.Module
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """A single-channel scan repeated to the encoder's channels (SAT's backbone takes three copies)."""
@@ -56,32 +57,18 @@ class _NNUNetEncoderBase(ImageEncoder):
             return x.expand(-1, self.in_channels, -1, -1, -1)
         return x
 
-
-@IMAGE_ENCODERS.register("nnunet_plain")
-class NNUNetPlain(_NNUNetEncoderBase):
-    """nnU-Net's plain conv U-Net.  ``decoder=false`` leaves only the encoder (for a fusion with its own decoder)."""
-
-    def __init__(self, in_channels: int = 1, features_per_stage=(32, 64, 128, 256, 320, 320),
-                 strides=(1, 2, 2, 2, 2, 2), kernel_sizes=3, n_conv_per_stage=2, n_conv_per_stage_decoder=2,
-                 conv_bias: bool = True, norm_eps: float = 1e-5, decoder: bool = True):
-        super().__init__()
-        from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+    def _build_decoder(self, decoder: bool, n_conv_per_stage_decoder) -> None:
+        """nnU-Net's U-Net decoder (``decoder=True``): only its up-sampling and merging convs; the library's
+        segmentation heads have no use here, and its reference to the encoder would store every encoder weight
+        twice."""
         from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
-        features, kernels, strides = _common(features_per_stage, kernel_sizes, strides)
-        n = len(features)
-        self.in_channels = int(in_channels)
-        self.encoder = PlainConvEncoder(self.in_channels, n, features, kernel_sizes=kernels, strides=strides,
-                                        n_conv_per_stage=_per_stage(n_conv_per_stage, n, "n_conv_per_stage"),
-                                        return_skips=True, **_layers(conv_bias, norm_eps))
-        self.feature_channels, self.strides = features, strides
+        n = len(self.feature_channels)
         self.has_decoder = bool(decoder)
-        self.embed_dim = features[0] if decoder else None
+        self.embed_dim = self.feature_channels[0] if decoder else None
         if decoder:
             library = UNetDecoder(self.encoder, 1, _per_stage(n_conv_per_stage_decoder, n - 1,
                                                               "n_conv_per_stage_decoder"), deep_supervision=False)
-            # Only the up-sampling and merging convs: the library's segmentation heads have no use here, and its
-            # reference to the encoder would store every encoder weight twice.
             self.decoder = nn.Module()
             self.decoder.transpconvs, self.decoder.stages = library.transpconvs, library.stages
 
@@ -96,15 +83,35 @@ class NNUNetPlain(_NNUNetEncoderBase):
         return ImageFeatures(skips, decoded[::-1], decoded[-1])
 
 
+@IMAGE_ENCODERS.register("nnunet_plain")
+class NNUNetPlain(_NNUNetEncoderBase):
+    """nnU-Net's plain conv U-Net.  ``decoder=false`` leaves only the encoder (for a fusion with its own decoder)."""
+
+    def __init__(self, in_channels: int = 1, features_per_stage=(32, 64, 128, 256, 320, 320),
+                 strides=(1, 2, 2, 2, 2, 2), kernel_sizes=3, n_conv_per_stage=2, n_conv_per_stage_decoder=2,
+                 conv_bias: bool = True, norm_eps: float = 1e-5, decoder: bool = True):
+        super().__init__()
+        from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+
+        features, kernels, strides = _common(features_per_stage, kernel_sizes, strides)
+        n = len(features)
+        self.in_channels = int(in_channels)
+        self.encoder = PlainConvEncoder(self.in_channels, n, features, kernel_sizes=kernels, strides=strides,
+                                        n_conv_per_stage=_per_stage(n_conv_per_stage, n, "n_conv_per_stage"),
+                                        return_skips=True, **_layers(conv_bias, norm_eps))
+        self.feature_channels, self.strides = features, strides
+        self._build_decoder(decoder, n_conv_per_stage_decoder)
+
+
 @IMAGE_ENCODERS.register("nnunet_resenc")
 class NNUNetResEnc(_NNUNetEncoderBase):
-    """nnU-Net's residual encoder (basic pre-activation-free ``BasicBlockD`` blocks, a stem conv); skips only."""
-
-    has_decoder = False
+    """nnU-Net's residual encoder (``BasicBlockD`` blocks after a stem conv), by default without a decoder (for a
+    fusion with its own, VoxTell's); ``decoder=true`` adds nnU-Net's U-Net decoder (the ResEnc U-Net presets)."""
 
     def __init__(self, in_channels: int = 1, features_per_stage=(32, 64, 128, 256, 320, 320),
                  strides=(1, 2, 2, 2, 2, 2), kernel_sizes=3, n_blocks_per_stage=(1, 3, 4, 6, 6, 6),
-                 conv_bias: bool = True, norm_eps: float = 1e-5, stem_channels: int | None = None):
+                 conv_bias: bool = True, norm_eps: float = 1e-5, stem_channels: int | None = None,
+                 decoder: bool = False, n_conv_per_stage_decoder=1):
         super().__init__()
         from dynamic_network_architectures.building_blocks.residual import BasicBlockD
         from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
@@ -116,7 +123,5 @@ class NNUNetResEnc(_NNUNetEncoderBase):
                                        n_blocks_per_stage=_per_stage(n_blocks_per_stage, n, "n_blocks_per_stage"),
                                        block=BasicBlockD, return_skips=True, stem_channels=stem_channels,
                                        **_layers(conv_bias, norm_eps))
-        self.feature_channels, self.strides, self.embed_dim = features, strides, None
-
-    def forward(self, x: torch.Tensor) -> ImageFeatures:
-        return ImageFeatures(self.encoder(self._input(x)))
+        self.feature_channels, self.strides = features, strides
+        self._build_decoder(decoder, n_conv_per_stage_decoder)
