@@ -13,7 +13,7 @@ Windows, their Gaussian weights and the blending follow MONAI (``compute_importa
 the probabilities match ``sliding_window_inference`` to the fixed-point precision (about 1e-4).
 
 Released models blend as their own code does: ``blend="logit"`` averages logits rather than probabilities (CLIP-
-Universal, VoxTell; the 16-bit sums then hold logits clipped to ±64 in steps of 1/500), ``placement="nnunet"`` spaces
+Universal, VoxTell; the sums are then float16 logits, as VoxTell keeps them), ``placement="nnunet"`` spaces
 the windows evenly as nnU-Net does, and ``pad_mode="constant"`` pads a short side with zeros as nnU-Net does.  In logit
 mode a prompt whose logits stay below -20 in a window is left out there, and that window counts as giving -20 (at
 most its own value: a sign can only change where other windows' logits outweigh -20).
@@ -31,7 +31,7 @@ from vlseg.transforms.boxes import mask_box
 
 PLACEMENTS = ("monai", "nnunet")
 BLENDS = ("probability", "logit")
-LOGIT_RANGE, LOGIT_SCALE, LOGIT_FLOOR = 64.0, 500.0, -20.0
+LOGIT_RANGE, LOGIT_FLOOR = 64.0, -20.0
 
 
 def window_starts(size: int, roi: int, overlap: float, placement: str = "monai") -> list[int]:
@@ -200,7 +200,7 @@ class PromptStitcher:
         # Each window's contribution is divided by the final weight sum as it is added (the windows are known in
         # advance), so a prompt's sum is its blended probability in [0, 1], kept with 1/65000 resolution everywhere,
         # including the weakly weighted borders.
-        self.scale = 65000.0 if blend == "probability" else LOGIT_SCALE
+        self.scale = 65000.0
         self.floor = float(floor) if blend == "probability" else LOGIT_FLOOR
         self.sums: list[np.ndarray | None] = [None] * n_prompts
 
@@ -213,6 +213,8 @@ class PromptStitcher:
         return sum(s is not None for s in self.sums)
 
     def add(self, corner, probs: torch.Tensor, first_prompt: int = 0) -> None:
+        if self.blend == "logit":
+            return self._add_logits(corner, probs, first_prompt)
         box = self._box(corner)
         peaks = probs.flatten(1).amax(1).tolist()
         share = None
@@ -221,28 +223,43 @@ class PromptStitcher:
                 continue  # contributes less than the floor anywhere: leaving it out changes nothing above it
             if share is None:  # this window's weight as a share of every window's at each voxel, in fixed point
                 share = self.weight * torch.from_numpy(self.scale / np.maximum(self.weight_sum[box], 1e-12))
-            if self.blend == "logit":
-                self._add_logits(k, box, probs[k - first_prompt].float(), share)
-                continue
             fixed = torch.round(probs[k - first_prompt].float() * share).to(torch.int32)
             if self.sums[k] is None:
                 self.sums[k] = np.zeros(self.grid_shape, np.uint16)
             self.sums[k][box] += fixed.numpy().astype(np.uint16)
 
-    def _add_logits(self, k: int, box, logits: torch.Tensor, share: torch.Tensor) -> None:
-        """Logit mode: the sum starts as if every window had given the floor logit, and each window added replaces
-        its share of that with its own clipped logits."""
-        if self.sums[k] is None:
-            self.sums[k] = np.full(self.grid_shape, round(LOGIT_FLOOR * self.scale), np.int16)
-        clipped = logits.clamp(-LOGIT_RANGE, LOGIT_RANGE) - LOGIT_FLOOR
-        current = torch.from_numpy(self.sums[k][box].astype(np.int32))
-        self.sums[k][box] = (current + torch.round(clipped * share).to(torch.int32)).clamp(-32767, 32767).numpy()
+    def _add_logits(self, corner, logits: torch.Tensor, first_prompt: int) -> None:
+        """Logit mode: float16 sums of share-weighted logits, as VoxTell accumulates them (its sign stays exact near
+        zero, where the mask's edge is).  A prompt first allocated at a later window starts from the floor logit times
+        the share of the windows before it, and a window where an allocated prompt stays below the floor adds the
+        floor: a window left out counts as -20, at most its own value."""
+        box = self._box(corner)
+        share = None
+        for k, peak in enumerate(logits.flatten(1).amax(1).tolist(), first_prompt):
+            if peak < self.floor and self.sums[k] is None:
+                continue
+            if share is None:
+                share = (self.weight.numpy() / np.maximum(self.weight_sum[box], 1e-12)).astype(np.float32)
+            if self.sums[k] is None:
+                self.sums[k] = (LOGIT_FLOOR * self._share_before(corner)).astype(np.float16)
+            value = np.float32(LOGIT_FLOOR) if peak < self.floor else \
+                logits[k - first_prompt].float().clamp(-LOGIT_RANGE, LOGIT_RANGE).numpy()
+            self.sums[k][box] = (self.sums[k][box].astype(np.float32) + value * share).astype(np.float16)
+
+    def _share_before(self, corner) -> np.ndarray:
+        """Each voxel's share of weight from the windows before ``corner``."""
+        out = np.zeros(self.grid_shape, np.float32)
+        for earlier in self.corners[:self.corners.index(corner)]:
+            box = self._box(earlier)
+            out[box] += self.weight.numpy() / np.maximum(self.weight_sum[box], 1e-12)
+        return out
 
     def probability(self, k: int) -> np.ndarray | None:
         if self.sums[k] is None:
             return None
-        blended = self.sums[k][self.valid].astype(np.float32) / self.scale
-        return blended if self.blend == "probability" else 1.0 / (1.0 + np.exp(-blended))
+        if self.blend == "logit":
+            return 1.0 / (1.0 + np.exp(-self.sums[k][self.valid].astype(np.float32)))
+        return self.sums[k][self.valid].astype(np.float32) / self.scale
 
 
 def stitch(image: torch.Tensor, roi, overlap: float, n_prompts: int, encode: Callable, decode: Callable,
