@@ -150,6 +150,59 @@ def load_network_state(net: torch.nn.Module, state: dict, source: Path) -> None:
                          f"(missing {len(missing)}, unexpected {len(unexpected)}, e.g. {(missing or unexpected)[0]})")
 
 
+# What a training checkpoint may hold besides tensors and plain containers: NumPy arrays and scalars (training logs,
+# RNG states) and DeepSpeed's bookkeeping objects.  Anything else in a pickle is refused before it is unpickled.
+ALLOWED_GLOBALS = (
+    "numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    *(f"numpy.dtypes.{t}DType" for t in ("Float16", "Float32", "Float64", "Int8", "Int16", "Int32", "Int64",
+                                         "UInt8", "UInt16", "UInt32", "UInt64", "Bool")),
+    "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+)
+
+
+def _resolve(name: str):
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def check_pickle(path: Path) -> list[str]:
+    """The non-tensor globals a torch file references, or a one-line VlsegError when one of them is outside
+    ``ALLOWED_GLOBALS`` (unpickling it could run arbitrary code)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:  # noqa: BLE001 - any reason it cannot be inspected is a reason not to load it
+        raise VlsegError(f"{path}: not a readable torch file ({str(exc).strip().splitlines()[0][:200]})") from None
+    refused = [g for g in found if g not in ALLOWED_GLOBALS]
+    if refused:
+        raise VlsegError(f"{path}: refused, unpickling it would need {refused[0]} (arbitrary code); vlseg reads "
+                         f"torch files with weights_only=True and an allow-list of data types only")
+    return found
+
+
+def load_torch_file(path: Path, mmap: bool = False):
+    """A torch file loaded with ``weights_only=True``, the allow-listed globals it references permitted (checked
+    first by ``check_pickle``); onto the CPU, memory-mapped when asked (and the file's format allows)."""
+    # NumPy's dtype classes are reached through numpy.dtype without being listed: allowed whenever NumPy is
+    found = check_pickle(path)
+    names = set(found) | ({g for g in ALLOWED_GLOBALS if g.startswith("numpy.")} if found else set())
+    allowed = [obj for obj in map(_resolve, sorted(names)) if obj is not None]
+    with torch.serialization.safe_globals(allowed):
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # accelerate saves a DeepSpeed engine under this tag inside ``training_state/``.
 DEEPSPEED_TAG = "pytorch_model"
 
@@ -157,7 +210,7 @@ DEEPSPEED_TAG = "pytorch_model"
 def _stage0_fp32_weights(model_states: Path) -> dict:
     """Without ZeRO, DeepSpeed's 16-bit optimiser keeps the fp32 master copies in its own state (``fp32_groups``, in
     the order of the trainable parameters); DeepSpeed's consolidation script reads only ZeRO checkpoints."""
-    saved = torch.load(model_states, map_location="cpu", weights_only=False)
+    saved = load_torch_file(model_states)
     state = {k: v.float() if v.is_floating_point() else v for k, v in saved["module"].items()}
     masters = [t for group in (saved.get("optimizer") or {}).get("fp32_groups") or [] for t in group]
     if masters:
@@ -179,6 +232,8 @@ def deepspeed_fp32_weights(training_state: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = Path(training_state) / DEEPSPEED_TAG
+    for part in sorted(folder.glob("*.pt")):  # DeepSpeed unpickles them itself: each is checked first
+        check_pickle(part)
     if not list(folder.glob("*zero_pp_rank_*")):  # no ZeRO partitions: stage 0
         return _stage0_fp32_weights(folder / "mp_rank_00_model_states.pt")
 

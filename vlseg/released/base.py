@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from vlseg.checkpoint import FORMAT, META, write_weights
+from vlseg.checkpoint import FORMAT, META, load_torch_file, write_weights
 from vlseg.errors import VlsegError
 from vlseg.registry import Registry
 
@@ -31,37 +31,23 @@ RELEASED = Registry("released model family", "vlseg.released")
 
 
 def read_torch_file(path: str | Path) -> dict:
-    """A ``.pth``/``.pt`` file read with ``weights_only=True`` onto the CPU (files saved from a GPU included).
+    """A ``.pth``/``.pt`` file read with ``weights_only=True`` onto the CPU (files saved from a GPU included),
+    memory-mapped where its format allows (a multi-GB training checkpoint is not read whole).
 
-    A file whose unpickling would run arbitrary code (a pickled class, a function) is refused: weights never need it.
+    A file whose unpickling would run arbitrary code (a pickled class, a function) is refused: weights never need it;
+    NumPy data and DeepSpeed's bookkeeping are allowed (``vlseg.checkpoint.ALLOWED_GLOBALS``).
     """
     path = Path(path)
     if not path.is_file():
         raise VlsegError(f"{path}: file not found")
     try:
-        with torch.serialization.safe_globals(numpy_data_globals()):
-            try:  # memory-mapped: a multi-GB training checkpoint (optimiser state included) is not read whole
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        return load_torch_file(path, mmap=True)
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or ["unsafe object"])[0]
         raise VlsegError(f"{path}: refused, unpickling it would need arbitrary code ({first[:200]}); vlseg reads "
                          f"weights with torch.load(weights_only=True) only") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise VlsegError(f"{path}: not a readable torch file ({str(exc).strip().splitlines()[0][:200]})") from None
-
-
-def numpy_data_globals() -> list:
-    """NumPy's array and scalar rebuilders and dtypes: plain data that training checkpoints hold beside the weights
-    (nnU-Net's training log keeps NumPy floats), allowed through ``weights_only`` loading."""
-    import numpy as np
-
-    multiarray = getattr(np, "_core", None) or np.core
-    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")]
-    return [multiarray.multiarray.scalar, multiarray.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
 
 
 def map_state(source: Mapping[str, torch.Tensor], target_shapes: Mapping[str, tuple],
