@@ -67,3 +67,19 @@ def test_resenc_presets_have_nnunets_size(preset):
         library = _library_unet("nnunet_resenc", [32, 64, 128, 256, 320, 320], [1, 3, 4, 6, 6, 6])
     heads = sum(p.numel() for p in library.decoder.seg_layers.parameters())
     assert counts["image_encoder"] == sum(p.numel() for p in library.parameters()) - heads
+
+
+@pytest.mark.parametrize("name, blocks_key", [("nnunet_plain", "n_conv_per_stage"),
+                                              ("nnunet_resenc", "n_blocks_per_stage")])
+def test_inference_path_equals_the_librarys_forward(name, blocks_key):
+    """Without gradients the encoder normalises in place; the skips equal the library's own forward."""
+    torch.manual_seed(0)
+    enc = IMAGE_ENCODERS.build({"name": name, "features_per_stage": [8, 16, 16], "strides": [1, 2, 2],
+                                blocks_key: [2, 2, 2], "decoder": False}).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        x = torch.randn(2, 1, 16, 16, 12)
+        lean = enc(x).skips
+        library = enc.encoder(x)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lean, library))
