@@ -17,6 +17,12 @@ channels), so their weights (78 MB and 250 MB) are not stored: every floating te
 with a generator seeded by the key (``fixture_weights``), which the test repeats and checks against the digest.
 The test rebuilds ``{'net': ...}`` from the key list, imports it with ``vlseg import`` and compares logits.
 
+With ``--pipeline`` it writes no fixtures and measures instead the inference recipe on a whole scan (``--scan``, or
+a synthetic CT): the original's preprocessing (its test transforms, restated for MONAI 1.x: RAS, 1.5 mm bilinear,
+[-175, 250] → [0, 1]) against vlseg's model frame, and, on the same preprocessed volume, MONAI's
+``sliding_window_inference`` (96³, batch 1, overlap 0.5, Gaussian, logits) with the original model against vlseg's
+stitching with the imported one.  Its foreground crop and post-processing are left out (vlseg has neither).
+
 Also writes ``txt_encoding.pth``: the fixture's 32×512 class embeddings in float16, saved with the storage location
 ``cuda:0`` as the original's ``pretrained_weights/txt_encoding.pth`` is (that file itself is not redistributable:
 CC BY-NC-ND), to test that the importer reads such a file on a machine without a GPU.
@@ -160,13 +166,90 @@ def write_txt_encoding(out: Path, seed: int) -> None:
     torch.save(values, out / "txt_encoding.pth")
 
 
+def synthetic_ct(path: Path) -> Path:
+    """A small CT-like NIfTI stored in LPS order with anisotropic voxels: air, a body, two brighter blobs."""
+    import nibabel as nib
+
+    gen = np.random.default_rng(0)
+    shape, spacing = (160, 110, 54), (1.3, 1.3, 2.5)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    body = (grid[0] ** 2 + grid[1] ** 2 / 0.7 + grid[2] ** 2 / 1.5) < 0.8
+    blob = lambda c, r: ((grid - np.array(c)[:, None, None, None]) ** 2).sum(0) < r ** 2
+    hu = np.where(body, 40.0, -1000.0) + 80 * blob((0.3, 0.1, 0.0), 0.3) + 200 * blob((-0.4, -0.2, 0.2), 0.15)
+    hu = (hu + gen.normal(0, 20, shape)).astype(np.float32)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    nib.save(nib.Nifti1Image(hu, affine), path)
+    return path
+
+
+def their_preprocessing(scan: Path) -> torch.Tensor:
+    """The original's test-time transforms up to its foreground crop, with MONAI 1.x names: ``[1, 1, X, Y, Z]``."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged, Spacingd
+
+    chain = Compose([LoadImaged(keys=["image"]), EnsureChannelFirstd(keys=["image"]),
+                     Orientationd(keys=["image"], axcodes="RAS"),
+                     Spacingd(keys=["image"], pixdim=(1.5, 1.5, 1.5), mode="bilinear"),
+                     ScaleIntensityRanged(keys=["image"], a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True)])
+    return torch.as_tensor(np.asarray(chain({"image": str(scan)})["image"]), dtype=torch.float32)[None]
+
+
+def compare_pipeline(repo: Path, scan: Path | None, backbone: str, seed: int) -> dict:
+    """The recipe's figures (see the module docstring) for one backbone with the fixture's weights."""
+    import argparse
+    import tempfile
+
+    from monai.inferers import sliding_window_inference
+
+    from vlseg.infer.segmenter import Segmenter
+    from vlseg.io.scan import load_scan
+    from vlseg.released.base import RELEASED
+    from vlseg.released.clip_universal import CLASSES
+    from vlseg.transforms.frame import to_model_frame
+
+    family = {"unet": "clip-universal-unet", "swinunetr": "clip-universal-swin"}[backbone]
+    with tempfile.TemporaryDirectory() as tmp:
+        scan = scan or synthetic_ct(Path(tmp) / "ct.nii.gz")
+        model = build(repo, backbone)
+        _, net, _ = checkpoint_for(model, backbone, seed)
+        original_loader(model, net)
+        torch.save({"net": net}, Path(tmp) / "ckpt.pth")
+        RELEASED.get(family)().convert(argparse.Namespace(checkpoint=str(Path(tmp) / "ckpt.pth"), txt_encoding=None),
+                                       Path(tmp) / "model")
+        seg = Segmenter.from_pretrained(Path(tmp) / "model", device="cpu")
+        theirs = their_preprocessing(scan)
+        ours, _ = to_model_frame(load_scan(scan), "CT", seg.config["data"]["ct_window"],
+                                 seg.config["data"]["inference_spacing"], seg.config["data"]["intensity"])
+        figures = {"backbone": backbone, "their_grid": list(theirs.shape[2:]), "vlseg_grid": list(ours.shape)}
+        if tuple(ours.shape) == tuple(theirs.shape[2:]):
+            delta = np.abs(ours - theirs[0, 0].numpy())
+            figures.update(preprocess_max_abs=float(delta.max()), preprocess_mean_abs=float(delta.mean()))
+        with torch.no_grad():
+            logits = sliding_window_inference(theirs, (96, 96, 96), 1, model.eval(), overlap=0.5, mode="gaussian")
+            ref = torch.sigmoid(logits)[0].numpy()
+            stitcher, _ = seg._stitch(theirs, list(range(len(CLASSES))), seg.embed([n for n, _ in CLASSES])[None],
+                                      tta=False)
+        got = np.stack([stitcher.probability(k) for k in range(len(CLASSES))])
+        figures.update(windows=len(stitcher.corners), probability_max_abs=float(np.abs(got - ref).max()),
+                       mask_voxels=int((ref > 0.5).sum()), mask_disagreements=int(((got > 0.5) != (ref > 0.5)).sum()),
+                       voxels_within_1e3_of_logit_0=int((logits.abs() < 1e-3).sum()))
+    return figures
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, required=True, help="a checkout of ljwztc/CLIP-Driven-Universal-Model")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="fixture folder (required without --pipeline)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backbones", nargs="+", default=["unet", "swinunetr"])
+    parser.add_argument("--pipeline", action="store_true", help="measure the inference recipe instead (no fixtures)")
+    parser.add_argument("--scan", type=Path, help="with --pipeline: a CT NIfTI (default: a synthetic one)")
     args = parser.parse_args(argv)
+    if args.pipeline:
+        for backbone in args.backbones:
+            print(json.dumps(compare_pipeline(args.repo.resolve(), args.scan, backbone, args.seed)))
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
     args.out.mkdir(parents=True, exist_ok=True)
     for backbone in args.backbones:
         write_backbone(args.repo.resolve(), args.out, backbone, args.seed)

@@ -15,28 +15,29 @@ from vlseg.models.features import ImageEncoder, ImageFeatures
 from vlseg.registry import IMAGE_ENCODERS
 
 
-def _patch_merging_monai09():
-    """MONAI 0.9's patch merging, which CLIP-Universal's copy of SwinUNETR carries (built lazily: MONAI is imported
-    only when a SwinUNETR is)."""
-    from monai.networks.nets.swin_unetr import PatchMergingV2
+class PatchMergingMonai09(nn.Module):
+    """MONAI 0.9's patch merging (3D), which CLIP-Universal's copy of SwinUNETR carries: of the eight voxels of each
+    2×2×2 block it concatenates (0,0,0), (1,0,0), (0,1,0), (0,0,1), (1,0,1), then (0,1,0) and (0,0,1) a second time
+    and (1,1,1), so (1,1,0) and (0,1,1) never reach the next stage; then LayerNorm and a linear map to ``2·dim``.
+    MONAI 1.0 corrected the order (``"merging"``); weights trained with the old one need it.  Built by MONAI's
+    SwinTransformer as ``downsample(dim=..., norm_layer=..., spatial_dims=...)``, with MONAI's parameter names."""
 
-    class PatchMergingMonai09(PatchMergingV2):
-        """Of the eight voxels of each 2×2×2 block it concatenates (0,0,0), (1,0,0), (0,1,0), (0,0,1), (1,0,1), then
-        (0,1,0) and (0,0,1) a second time and (1,1,1): (1,1,0) and (0,1,1) never reach the next stage.  MONAI 1.0
-        corrected the order (``"merging"``); weights trained with the old one need it."""
+    OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
 
-        OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm, spatial_dims: int = 3):
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError("merging_monai09 is implemented for 3D inputs only")
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(8 * dim)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dim() != 5:
-                return super().forward(x)
-            _, d, h, w, _ = x.shape
-            if d % 2 or h % 2 or w % 2:
-                x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
-            x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], -1)
-            return self.reduction(self.norm(x))
-
-    return PatchMergingMonai09
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, D, H, W, C]`` → ``[B, D/2, H/2, W/2, 2C]`` (odd sides padded by one)."""
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], -1)
+        return self.reduction(self.norm(x))
 
 
 DOWNSAMPLE = ("merging", "mergingv2", "merging_monai09")
@@ -61,7 +62,7 @@ class SwinUNETREncoder(ImageEncoder):
 
         if downsample not in DOWNSAMPLE:
             raise ValueError(f"image_encoder.downsample={downsample!r}: choose one of {', '.join(DOWNSAMPLE)}")
-        merging = _patch_merging_monai09() if downsample == "merging_monai09" else downsample
+        merging = PatchMergingMonai09 if downsample == "merging_monai09" else downsample
         self.net = SwinUNETR(in_channels=in_channels, out_channels=1, feature_size=feature_size, depths=tuple(depths),
                              num_heads=tuple(num_heads), use_v2=use_v2, downsample=merging)
         self.net.out = nn.Identity()  # logits are the fusion's job
