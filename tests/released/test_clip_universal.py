@@ -135,6 +135,18 @@ def test_full_size_keys_map_one_to_one(backbone):
     map_state(prepare(source), target, family.rename, backbone)  # shapes equal
 
 
+@pytest.mark.parametrize("key", ["module.swinViT.layers1.0.downsample.norm.weight",
+                                 "module.backbone.swinViT.layers1.0.downsample.norm.weight",
+                                 "backbone.swinViT.layers1.0.downsample.norm.weight",
+                                 "swinViT.layers1.0.downsample.norm.weight"])
+def test_swin_keys_are_read_with_or_without_the_ddp_and_backbone_prefixes(key):
+    """The released Swin's keys lack ``backbone.`` (the original's loader re-adds it); a checkpoint saved from the
+    model itself, with or without DDP, has it: all four forms are the same weight."""
+    rename = RELEASED.get("clip-universal-swin")().rename
+    assert rename(key) == "image_encoder.net.swinViT.layers1.0.downsample.norm.weight"
+    assert RELEASED.get("clip-universal-unet")().rename("module.GAP.3.bias") == "fusion.global_proj.3.bias"
+
+
 def test_prompts_outside_the_32_classes_are_refused(imported):
     from vlseg.vocab.prompts import interpret_prompts
 
