@@ -7,14 +7,14 @@ the decoder's last features.  Written here because neither MONAI nor the origina
 reusable module; the batched einsum evaluates every query's head in one pass instead of a grouped convolution loop.
 
 vlseg adds a presence logit per query (a linear read-out of the controller input), so the head fits the same
-interface and losses as the query decoder; ``loss.presence_weight=0`` leaves it untrained.  ``presence_head:
+interface and losses as the query decoder; ``loss.presence_weight=0`` leaves it untrained.  ``presence:
 max_logit`` has no such read-out and gives the largest mask logit of the window instead ("present" = some voxel is
 positive), the only reading a released model without a presence head allows.
 
 The released CLIP-Universal head, exactly (``configs/released/clip-universal-*.yaml``): ``code_relu: true`` (its
 text projection 512→256 is followed by a ReLU), ``param_order: weights_first`` (its controller's 153 outputs hold
 the three layers' weights, then the three biases; vlseg's default keeps each layer's weights and bias together),
-``presence_head: max_logit``.  The controller is a ``Linear`` here, a 1×1×1 ``Conv3d`` there: the same weights.
+``presence: max_logit``.  The controller is a ``Linear`` here, a 1×1×1 ``Conv3d`` there: the same weights.
 
 Mind the learning rate.  Every generated weight is a sum over the controller's 512 inputs, so one Adam step of size
 ``lr`` on each controller weight can move a generated bias by about ``lr × 512 × |input|``.  At the 2e-3 that trains
@@ -39,14 +39,14 @@ class DynamicHead(Fusion):
 
     def __init__(self, text_dim: int, feature_channels: list[int], embed_dim: int, head_channels: int = 8,
                  head_layers: int = 3, code_dim: int | None = 256, global_dim: int = 256, code_relu: bool = False,
-                 param_order: str = "per_layer", presence_head: str = "linear"):
+                 param_order: str = "per_layer", presence: str = "head"):
         super().__init__()
         if head_layers < 1:
             raise ValueError("fusion.head_layers must be at least 1")
         if param_order not in ("per_layer", "weights_first"):
             raise ValueError(f"fusion.param_order={param_order!r}: choose 'per_layer' or 'weights_first'")
-        if presence_head not in ("linear", "max_logit"):
-            raise ValueError(f"fusion.presence_head={presence_head!r}: choose 'linear' or 'max_logit'")
+        if presence not in ("head", "max_logit"):
+            raise ValueError(f"fusion.presence={presence!r}: choose 'head' or 'max_logit'")
         self.head_channels, self.head_layers = head_channels, head_layers
         self.code_relu, self.param_order = bool(code_relu), param_order
         # The global image vector: normalised, rectified bottleneck features, averaged, projected.
@@ -59,7 +59,7 @@ class DynamicHead(Fusion):
         self.shapes = [(head_channels, head_channels)] * (head_layers - 1) + [(1, head_channels)]
         self.n_params = sum(o * i + o for o, i in self.shapes)
         self.controller = nn.Linear(controller_in, self.n_params)
-        self.presence = nn.Linear(controller_in, 1) if presence_head == "linear" else None
+        self.presence = nn.Linear(controller_in, 1) if presence == "head" else None
         self.voxel_proj = nn.Sequential(nn.GroupNorm(min(16, embed_dim), embed_dim), nn.ReLU(inplace=True),
                                         nn.Conv3d(embed_dim, head_channels, 1))
 
