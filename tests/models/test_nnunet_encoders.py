@@ -83,3 +83,16 @@ def test_inference_path_equals_the_librarys_forward(name, blocks_key):
         lean = enc(x).skips
         library = enc.encoder(x)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(lean, library))
+
+
+@pytest.mark.parametrize("depth", [5, 16, 33])
+def test_slab_conv_in_place_equals_the_conv(depth):
+    from vlseg.models.encoders.nnunet import slab_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(6, 6, 3, 1, 1)
+    x = torch.randn(2, 6, depth, 7, 9)
+    with torch.no_grad():
+        expected = conv(x)
+        assert torch.allclose(slab_conv(conv, x, slab=4), expected, atol=1e-5)
+        assert torch.allclose(slab_conv(conv, x.clone(), slab=4, inplace=True), expected, atol=1e-5)

@@ -59,7 +59,7 @@ class VLSegNet(nn.Module):
         return switched
 
     def encode_image(self, image: torch.Tensor) -> ImageFeatures:
-        return self.image_encoder(image.permute(0, 1, 4, 3, 2) if self.transposed else image)
+        return self.image_encoder(image.permute(0, 1, 4, 3, 2).contiguous() if self.transposed else image)
 
     def embed_prompts(self, prompts) -> torch.Tensor:
         if isinstance(prompts, torch.Tensor):
