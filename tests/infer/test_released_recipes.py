@@ -94,3 +94,7 @@ def test_foreground_boxes():
     lo, hi = foreground_box(data, "positive")
     assert lo.tolist() == [2, 3, 3] and hi.tolist() == [3, 4, 4]
     assert foreground_box(np.zeros((3, 3, 3)), "nonzero") is None and foreground_box(data, None) is None
+    ct = np.full((6, 7, 8), -1000.0)  # air around a body
+    ct[2:4, 1:6, 0:5] = -150.0
+    lo, hi = foreground_box(ct, "window", (-175, 250))  # above the window's low end
+    assert lo.tolist() == [2, 1, 0] and hi.tolist() == [4, 6, 5]

@@ -40,17 +40,20 @@ def parse_spacing(value) -> tuple[float, float, float]:
     return positive_triple(value, "the spacing (mm)", where="spacing")
 
 
-FOREGROUND_RULES = {"nonzero": np.not_equal, "positive": np.greater}
+FOREGROUND_RULES = ("nonzero", "positive", "window")
 
 
-def foreground_box(data, rule: str | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(lo, hi)`` of the foreground voxels by ``rule`` (``nonzero``: != 0, nnU-Net's crop; ``positive``: > 0, MONAI's
-    CropForeground as SAT uses it); None without a rule or when no voxel is foreground."""
+def foreground_box(data, rule: str | None, ct_window=(0.0, 0.0)) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(lo, hi)`` of the foreground voxels by ``rule``: ``nonzero`` (!= 0, nnU-Net's crop), ``positive`` (> 0,
+    MONAI's CropForeground on raw values, as SAT uses it), ``window`` (above the CT window's low end: CropForeground
+    after the window, as CLIP-Universal uses it); None without a rule or when no voxel is foreground."""
     if rule is None:
         return None
     if rule not in FOREGROUND_RULES:
-        raise VlsegError(f"data.crop_foreground={rule!r}: use null, 'nonzero' or 'positive'")
-    box = mask_box(FOREGROUND_RULES[rule](np.asarray(data), 0))
+        raise VlsegError(f"data.crop_foreground={rule!r}: use null, {', '.join(FOREGROUND_RULES)}")
+    data = np.asarray(data)
+    threshold = float(ct_window[0]) if rule == "window" else 0.0
+    box = mask_box(data != 0 if rule == "nonzero" else data > threshold)
     return None if box is None else (np.asarray(box[0]), np.asarray(box[1]))
 
 
@@ -206,7 +209,7 @@ class Segmenter:
         if coarsen != 1.0:
             spacing = [float(coarsen) * float(v) for v in (spacing if spacing is not None else scan.spacing)]
         # crop_foreground: the model sees only the box of the foreground voxels; outside it every mask is empty
-        box = foreground_box(scan.data, data_cfg.crop_foreground)
+        box = foreground_box(scan.data, data_cfg.crop_foreground, data_cfg.ct_window)
         data, frame = to_model_frame(scan if box is None else dataclasses.replace(
             scan, data=scan.data[tuple(slice(a, b) for a, b in zip(*box))]), modality, data_cfg.ct_window, spacing,
                                      data_cfg.intensity)
