@@ -94,12 +94,15 @@ def test_library_code_never_computes_a_path_into_the_checkout():
 def test_every_verb_has_a_module_with_main():
     import importlib
 
+    from vlseg.cli import MODULES
+
     for verb in VERBS:
-        assert callable(importlib.import_module(f"vlseg.cli.{verb}").main), verb
+        assert callable(importlib.import_module(f"vlseg.cli.{MODULES.get(verb, verb)}").main), verb
 
 
 @pytest.mark.parametrize("argv", [
     ["-m", "vlseg", "prepare", "convert", "--help"],
+    ["-m", "vlseg", "import", "voxtell", "--help"],
     ["-m", "vlseg.cli", "ablate", "--help"],
     ["-m", "vlseg.ablate", "--help"],
     ["-m", "data_prep.convert", "--help"],
