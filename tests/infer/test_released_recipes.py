@@ -68,6 +68,11 @@ def test_intensity_schemes():
     clipped = np.clip(ct, -500, 1000)
     z = normalize_intensity(ct, "CT", (-500, 1000), "window_zscore")
     assert np.allclose(z, (clipped - clipped.mean()) / clipped.std(), atol=1e-5)
+    mr = np.zeros((4, 5, 6), np.float32)
+    mr[1:3, 1:4, 1:5] = np.arange(24, dtype=np.float32).reshape(2, 3, 4) + 100
+    lo, hi = np.percentile(mr, [0.5, 99.5])  # SAT: over every voxel, the zeros around the body included
+    expected = (np.clip(mr, lo, hi) - np.clip(mr, lo, hi).mean()) / np.clip(mr, lo, hi).std()
+    assert np.allclose(normalize_intensity(mr, "MR", (-500, 1000), "window_zscore"), expected, atol=1e-5)
     whole = normalize_intensity(ct, "MR", (-500, 1000), "zscore")  # every modality, nothing clipped
     assert np.allclose(whole, (ct - ct.mean()) / ct.std(), atol=1e-5)
     assert np.allclose(normalize_intensity(ct, "CT", (-200, 300)), normalize_intensity(ct, "CT", (-200, 300), "vlseg"))

@@ -4,7 +4,8 @@
 
 * ``vlseg``: CT clipped to the window and scaled to [-1, 1]; MR percentile-clipped and z-scored (this codebase's own);
 * ``window_unit``: CT clipped to the window and scaled to [0, 1] (CLIP-Universal); MR as ``vlseg``;
-* ``window_zscore``: CT clipped to the window, then z-scored over the volume (SAT); MR as ``vlseg``;
+* ``window_zscore``: CT clipped to the window, then z-scored over the volume; other modalities clipped to their
+  0.5–99.5 percentiles and z-scored, both over every voxel, zeros included (SAT);
 * ``zscore``: every modality z-scored over the whole volume, nothing clipped (nnU-Net's default, VoxTell).
 """
 
@@ -50,6 +51,9 @@ def normalize_intensity(data, modality: str, ct_window=CT_WINDOW, mode: str = "v
     data = np.asarray(data, dtype=np.float32)
     if mode == "zscore":
         return _zscore(data)
+    if mode == "window_zscore" and kind != "CT":
+        lo, hi = np.percentile(data, [0.5, 99.5])
+        return _zscore(np.clip(data, lo, hi))
     if kind == "CT" and mode != "vlseg":
         lo, hi = intensity_window(ct_window, "ct_window")
         clipped = np.clip(data, lo, hi)
