@@ -129,10 +129,10 @@ def test_full_size_keys_map_one_to_one(family):
 def test_full_size_positions_are_sats():
     """SAT-Nano/Pro's key positions (768 channels over the 9 × 9 × 3 grid of a 288 × 288 × 96 window) as
     positional_encodings 6.0.1 makes them (stored in float16)."""
-    from vlseg.models.fusions.query_decoder import sat_positions_3d
+    from vlseg.models.fusions.query_decoder import index_positions_3d
 
     expected = load_file(str(FIXTURES / "positions.safetensors"))["positions"].float()
-    assert (sat_positions_3d((9, 9, 3), 768) - expected).abs().max() < 1e-3
+    assert (index_positions_3d((9, 9, 3), 768) - expected).abs().max() < 1e-3
 
 
 def rewritten(tmp_path: Path, change) -> Path:

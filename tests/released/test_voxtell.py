@@ -153,11 +153,11 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
 def test_positions_follow_the_positional_encodings_package():
     from positional_encodings.torch_encodings import PositionalEncoding3D
 
-    from vlseg.models.fusions.prompt_decoder import sinusoidal_grid_3d
+    from vlseg.models.fusions.query_decoder import index_positions_3d
 
     for shape, dim in [((12, 12, 12), 64), ((3, 5, 4), 70)]:
         theirs = PositionalEncoding3D(dim)(torch.zeros(1, *shape, dim)).reshape(-1, dim)
-        assert torch.allclose(sinusoidal_grid_3d(shape, dim), theirs, atol=1e-5)
+        assert torch.allclose(index_positions_3d(shape, dim), theirs, atol=1e-5)
 
 
 def test_prompts_decoded_together_equal_prompts_decoded_alone():

@@ -21,42 +21,8 @@ from torch import nn
 
 from vlseg.errors import VlsegError
 from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
+from vlseg.models.fusions.query_decoder import DecoderLayer, index_positions_3d, mlp
 from vlseg.registry import FUSIONS
-
-
-def sinusoidal_grid_3d(shape, dim: int) -> torch.Tensor:
-    """Fixed 3D positions ``[prod(shape), dim]`` on integer voxel indices, the layout of the ``positional-encodings``
-    package (>= 6.0.2): the channels are split into three equal blocks of ``c = 2·ceil(dim / 6)`` (x, then y, then z),
-    each holding, for frequency ``1/10000^(2i/c)``, the pair sin, cos side by side; cut to ``dim``.  Tokens run with
-    the first axis slowest."""
-    block = 2 * math.ceil(dim / 6)
-    freqs = 1.0 / (10000.0 ** (torch.arange(0, block, 2, dtype=torch.float32) / block))
-    parts = []
-    for axis, n in enumerate(shape):
-        angles = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None]
-        pairs = torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(n, block)
-        view = [1, 1, 1, block]
-        view[axis] = n
-        parts.append(pairs.reshape(view).expand(*shape, block))
-    return torch.cat(parts, dim=-1)[..., :dim].reshape(-1, dim)
-
-
-class CrossAttentionLayer(nn.Module):
-    """Pre-norm layer: queries attend to the memory (positions added to the keys), then a ReLU feed-forward."""
-
-    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float):
-        super().__init__()
-        self.norm_cross = nn.LayerNorm(dim)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout)
-        self.norm_ffn = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ffn_dim, dim))
-        self.drop_cross, self.drop_ffn = nn.Dropout(dropout), nn.Dropout(dropout)
-
-    def forward(self, q: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``q [Q, B, dim]``, ``memory [N, B, dim]``, ``pos [N, 1, dim]`` (sequence first)."""
-        attended = self.cross_attn(self.norm_cross(q), memory + pos, memory, need_weights=False)[0]
-        q = q + self.drop_cross(attended)
-        return q + self.drop_ffn(self.ffn(self.norm_ffn(q)))
 
 
 def lean_stage_applies(up: nn.Module, stage: nn.Module) -> bool:
@@ -97,10 +63,6 @@ def lean_finest_stage(up: nn.Module, stage: nn.Module, below: torch.Tensor, skip
     return F.leaky_relu_(out, block.nonlin.negative_slope)
 
 
-def _mlp(width_in: int, hidden: int, width_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(width_in, hidden), nn.GELU(), nn.Linear(hidden, width_out))
-
-
 @FUSIONS.register("prompt_decoder")
 class PromptDecoder(Fusion):
     """Arguments: ``query_dim`` (transformer width), ``heads``, ``layers``, ``ffn_dim``, ``text_hidden`` (hidden width
@@ -126,14 +88,17 @@ class PromptDecoder(Fusion):
             raise VlsegError(f"fusion.memory_stage={memory_stage}: must be 0..{n - 1}")
         self.channels_per_prompt, self.fused_stages = int(channels_per_prompt), int(fused_stages)
         self.memory_stage, self.prompts_per_pass = int(memory_stage), max(1, int(prompts_per_pass))
-        self.memory_proj = _mlp(feature_channels[memory_stage], query_dim, query_dim)
-        self.text_proj = _mlp(text_dim, text_hidden, query_dim)
+        self.memory_proj = mlp([feature_channels[memory_stage], query_dim, query_dim])
+        self.text_proj = mlp([text_dim, text_hidden, query_dim])
         # stage_proj[i] conditions the decoder's output at scale i (0: input resolution, where it gives the mask).
         self.stage_proj = nn.ModuleList(
-            _mlp(query_dim, stage_hidden, feature_channels[i] * (1 if i == 0 else self.channels_per_prompt))
+            mlp([query_dim, stage_hidden, feature_channels[i] * (1 if i == 0 else self.channels_per_prompt)])
             for i in range(self.fused_stages))
-        self.register_buffer("pos_embed", sinusoidal_grid_3d(tuple(memory_grid), query_dim)[:, None])
-        self.layers = nn.ModuleList(CrossAttentionLayer(query_dim, heads, ffn_dim, dropout) for _ in range(layers))
+        # [tokens, 1, dim], as VoxTell stores it; the cross-attention-only pre-norm layers with a ReLU feed-forward
+        # are SAT's too
+        self.register_buffer("pos_embed", index_positions_3d(tuple(memory_grid), query_dim)[:, None])
+        self.layers = nn.ModuleList(DecoderLayer(query_dim, heads, False, dropout, ffn_dim, "relu",
+                                                 residual_dropout=True) for _ in range(layers))
         self.norm = nn.LayerNorm(query_dim)
         self._build_decoder(feature_channels, strides, n_conv_per_stage)
 
@@ -160,18 +125,18 @@ class PromptDecoder(Fusion):
     def _positions(self, grid) -> torch.Tensor:
         if self.pos_embed.shape[0] == math.prod(grid):
             return self.pos_embed
-        return sinusoidal_grid_3d(grid, self.pos_embed.shape[-1])[:, None].to(self.pos_embed)
+        return index_positions_3d(grid, self.pos_embed.shape[-1])[:, None].to(self.pos_embed)
 
     def decode_queries(self, memory_feature: torch.Tensor, prompts: torch.Tensor) -> list[torch.Tensor]:
         """Per fused scale (finest first), each prompt's channel weights ``[B, Q, C_scale · channels]``."""
         grid = tuple(memory_feature.shape[2:])
         # Tokens ordered as VoxTell orders them: the array's second, third, then first spatial axis.
-        memory = self.memory_proj(rearrange(memory_feature, "b c d h w -> (h w d) b c"))
-        q = self.text_proj(rearrange(prompts, "b q t -> q b t"))
-        pos = self._positions((grid[1], grid[2], grid[0]))
+        memory = self.memory_proj(rearrange(memory_feature, "b c d h w -> b (h w d) c"))
+        keys = memory + self._positions((grid[1], grid[2], grid[0])).transpose(0, 1)
+        q = self.text_proj(prompts)
         for layer in self.layers:
-            q = layer(q, memory, pos)
-        q = rearrange(self.norm(q), "q b c -> b q c")
+            q = layer(q, keys, memory, None)
+        q = self.norm(q)
         return [proj(q) for proj in self.stage_proj]
 
     def run_decoder(self, skips: list[torch.Tensor], weights: list[torch.Tensor]) -> tuple[torch.Tensor, list]:

@@ -33,13 +33,13 @@ def _positions(shape: tuple[int, int, int], dim: int, device: str) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=64)
-def _sat_positions(shape: tuple[int, int, int], dim: int, device: str) -> torch.Tensor:
-    return sat_positions_3d(shape, dim, device)
+def _index_positions(shape: tuple[int, int, int], dim: int, device: str) -> torch.Tensor:
+    return index_positions_3d(shape, dim, device)
 
 
-def sat_positions_3d(shape, dim: int, device=None) -> torch.Tensor:
-    """SAT's fixed 3D encoding (that of ``positional_encodings`` 6.0.1's ``PositionalEncoding3D``): ``[prod(shape),
-    dim]``, tokens in x-major order.
+def index_positions_3d(shape, dim: int, device=None) -> torch.Tensor:
+    """The fixed 3D encoding of the ``positional_encodings`` package's ``PositionalEncoding3D`` (6.0.1, as SAT uses
+    it, and 6.0.3, as VoxTell does: the same numbers): ``[prod(shape), dim]``, tokens in x-major order.
 
     Each axis gets a block of ``c = 2 * ceil(dim / 6)`` channels: for frequencies ``f_k = 10000 ** (-2k / c)``, the
     pair ``sin(i * f_k), cos(i * f_k)`` side by side, ``i`` the integer voxel index along that axis.  The blocks of x,
@@ -75,7 +75,7 @@ def sinusoidal_positions_3d(shape, dim: int, device=None) -> torch.Tensor:
 _ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
 
-def _mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
+def mlp(sizes: list[int], last_activation: bool = False) -> nn.Sequential:
     """Linear layers with a GELU between them (indices 0, 2, …), and after the last one too if ``last_activation``."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):
@@ -86,25 +86,32 @@ def _mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm: (self-attention between the queries), cross-attention to the keys, a feed-forward.
+    ``residual_dropout``: dropout on each branch before it is added back as well (DETR's layer, as VoxTell trains it).
+    """
+
     def __init__(self, dim: int, heads: int, self_attention: bool, dropout: float, ffn_dim: int | None = None,
-                 activation: str = "gelu"):
+                 activation: str = "gelu", residual_dropout: bool = False):
         super().__init__()
         ffn_dim = ffn_dim or 4 * dim
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if self_attention else None
+        self.self_attn = (nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True) if self_attention
+                          else None)
         self.norm_self = nn.LayerNorm(dim) if self_attention else None
         self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.norm_cross = nn.LayerNorm(dim)
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), _ACTIVATIONS[activation](), nn.Dropout(dropout),
                                  nn.Linear(ffn_dim, dim))
+        branch = (lambda: nn.Dropout(dropout)) if residual_dropout else nn.Identity
+        self.drop_cross, self.drop_ffn = branch(), branch()
 
     def forward(self, q, keys, values, query_pad):
         if self.self_attn is not None:
             h = self.norm_self(q)
             q = q + self.self_attn(h, h, h, key_padding_mask=query_pad, need_weights=False)[0]
         h = self.norm_cross(q)
-        q = q + self.cross_attn(h, keys, values, need_weights=False)[0]
-        return q + self.ffn(self.norm_ffn(q))
+        q = q + self.drop_cross(self.cross_attn(h, keys, values, need_weights=False)[0])
+        return q + self.drop_ffn(self.ffn(self.norm_ffn(q)))
 
 
 def _check_switches(text_dim: int, dim: int, positions: str, project_queries: bool, ffn_activation: str,
@@ -162,11 +169,11 @@ class QueryDecoder(Fusion):
         self.positions, self.presence = positions, presence
         # (the encoder's skips, where used, have the same widths as the decoder stages at each scale)
         key_channels = [feature_channels[k] for k in self.key_scales]
-        self.query_proj = _mlp([text_dim, dim, dim], False) if project_queries else nn.Identity()
+        self.query_proj = mlp([text_dim, dim, dim], False) if project_queries else nn.Identity()
         if key_fusion == "tokens":
             self.key_proj = nn.ModuleList(nn.Linear(c, dim) for c in key_channels)
         else:
-            self.key_proj = _mlp([sum(key_channels), key_hidden or dim, dim], True)
+            self.key_proj = mlp([sum(key_channels), key_hidden or dim, dim], True)
         levels = len(self.key_scales) if key_fusion == "tokens" else 1
         self.level_embed = nn.Parameter(torch.zeros(levels, dim)) if level_embedding else None
         self.key_norm = nn.LayerNorm(dim) if key_norm else nn.Identity()
@@ -174,8 +181,8 @@ class QueryDecoder(Fusion):
                                     for _ in range(layers))
         self.out_norm = nn.LayerNorm(dim)
         mask_hidden = mask_hidden or dim
-        self.mask_head = _mlp([dim, mask_hidden, embed_dim], head_activation)
-        self.presence_head = _mlp([dim, dim // 2, 1], False) if presence == "head" else None
+        self.mask_head = mlp([dim, mask_hidden, embed_dim], head_activation)
+        self.presence_head = mlp([dim, dim // 2, 1], False) if presence == "head" else None
         # One-element vectors rather than 0-d scalars: DeepSpeed broadcasts parameters as byte views, which 0-d
         # tensors cannot give.
         self.logit_scale = nn.Parameter(torch.full((1,), 1.0 / math.sqrt(embed_dim))) if logit_affine else None
@@ -192,7 +199,7 @@ class QueryDecoder(Fusion):
         widths = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden] * levels
         if len(widths) != levels:
             raise ValueError(f"fusion.aux_hidden: {len(widths)} widths for deep_supervision={levels}")
-        self.aux_heads = nn.ModuleList(_mlp([dim, int(width), feature_channels[level]], activation)
+        self.aux_heads = nn.ModuleList(mlp([dim, int(width), feature_channels[level]], activation)
                                        for level, width in zip(self.aux_levels, widths))
         self.aux_scales = nn.Parameter(torch.tensor([1.0 / math.sqrt(feature_channels[level])
                                                      for level in self.aux_levels])) if self.aux_levels and affine \
@@ -211,7 +218,7 @@ class QueryDecoder(Fusion):
 
     def _with_positions(self, tokens: torch.Tensor, shape, level: int):
         # The same grids recur every step and every window: the (fixed) encodings are computed once per shape.
-        table = _sat_positions if self.positions == "sat" else _positions
+        table = _index_positions if self.positions == "sat" else _positions
         pos = table(tuple(int(n) for n in shape), tokens.shape[-1], str(tokens.device)).to(tokens.dtype)
         value = tokens if self.level_embed is None else tokens + self.level_embed[level]
         return value + pos, value
