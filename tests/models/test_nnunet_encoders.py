@@ -87,7 +87,7 @@ def test_inference_path_equals_the_librarys_forward(name, blocks_key):
 
 @pytest.mark.parametrize("depth", [5, 16, 33])
 def test_slab_conv_in_place_equals_the_conv(depth):
-    from vlseg.models.encoders.nnunet import slab_conv
+    from vlseg.models.lean import slab_conv
 
     torch.manual_seed(0)
     conv = nn.Conv3d(6, 6, 3, 1, 1)

@@ -8,7 +8,7 @@ import torch
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from torch import nn
 
-from vlseg.models.fusions.prompt_decoder import lean_finest_stage, lean_stage_applies
+from vlseg.models.lean import lean_finest_stage, lean_stage_applies
 
 
 def _stage(convs: int = 1):

@@ -19,6 +19,7 @@ from torch import nn
 
 from vlseg.errors import VlsegError
 from vlseg.models.features import ImageEncoder, ImageFeatures
+from vlseg.models.lean import lean_encoder_forward
 from vlseg.registry import IMAGE_ENCODERS
 
 
@@ -45,88 +46,6 @@ def _layers(conv_bias: bool, norm_eps: float) -> dict:
     return {"conv_op": nn.Conv3d, "conv_bias": bool(conv_bias), "norm_op": nn.InstanceNorm3d,
             "norm_op_kwargs": {"eps": float(norm_eps), "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
             "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True}}
-
-
-def instance_norm_(x: torch.Tensor, norm: nn.InstanceNorm3d) -> torch.Tensor:
-    """``norm(x)`` computed in place (inference: no running statistics, affine InstanceNorm); the statistics are
-    taken one channel at a time, so no temporary of ``x``'s size is made."""
-    for b in range(x.shape[0]):
-        for c in range(x.shape[1]):
-            var, mean = torch.var_mean(x[b, c], unbiased=False)
-            scale = torch.rsqrt(var + norm.eps) * norm.weight[c]
-            x[b, c].sub_(mean).mul_(scale).add_(norm.bias[c])
-    return x
-
-
-def slab_conv(conv: nn.Conv3d, x: torch.Tensor, slab: int = 16, inplace: bool = False) -> torch.Tensor:
-    """``conv(x)`` a slab of planes at a time, for a stride-1 conv with odd kernels padded to keep the size: no
-    full-size workspace beside the output.  ``inplace`` (as many output channels as input ones, and ``x`` no longer
-    needed): each slab's result is written over ``x`` once no later slab reads those planes, so no output volume is
-    allocated at all."""
-    k, pad = conv.kernel_size, conv.padding
-    if (tuple(conv.stride) != (1, 1, 1) or tuple(conv.dilation) != (1, 1, 1) or conv.groups != 1
-            or isinstance(pad, str) or any(p != n // 2 or n % 2 == 0 for p, n in zip(pad, k)) or x.shape[2] <= slab):
-        return conv(x)
-    inplace = inplace and conv.in_channels == conv.out_channels
-    halo, depth = k[0] // 2, x.shape[2]
-    out = x if inplace else torch.empty(x.shape[0], conv.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device)
-    pending: list[tuple[int, int, torch.Tensor]] = []
-    for z0 in range(0, depth, slab):
-        z1 = min(z0 + slab, depth)
-        a, b = max(z0 - halo, 0), min(z1 + halo, depth)
-        part = torch.nn.functional.pad(x[:, :, a:b], (0, 0, 0, 0, halo - (z0 - a), halo - (b - z1)))
-        pending.append((z0, z1, torch.nn.functional.conv3d(part, conv.weight, conv.bias, 1, (0, *pad[1:]))))
-        while pending and (not inplace or pending[0][1] <= z1 - halo):  # planes the next slabs no longer read
-            p0, p1, result = pending.pop(0)
-            out[:, :, p0:p1] = result
-    for p0, p1, result in pending:
-        out[:, :, p0:p1] = result
-    return out
-
-
-def _lean_conv_block(block: nn.Module, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """The library's conv → (dropout) → norm → nonlinearity block, the conv by slabs (over ``x`` itself when
-    ``inplace``) and the norm in place."""
-    norm = getattr(block, "norm", None)
-    if not isinstance(norm, nn.InstanceNorm3d) or not norm.affine or norm.track_running_stats:
-        return block(x)
-    y = instance_norm_(slab_conv(block.conv, x, inplace=inplace), norm)
-    nonlin = getattr(block, "nonlin", None)
-    return nonlin(y) if nonlin is not None else y
-
-
-def _lean_module(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """One encoder part at inference, full-resolution temporaries kept to the input and one output: conv stacks
-    and residual blocks normalise in place (a residual block adds its skip in place); anything else runs as is."""
-    from dynamic_network_architectures.building_blocks.residual import BasicBlockD
-    from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
-
-    if isinstance(module, nn.Sequential) or isinstance(getattr(module, "blocks", None), nn.Sequential):
-        for part in (module if isinstance(module, nn.Sequential) else module.blocks):
-            x = _lean_module(part, x)
-        return x
-    if isinstance(module, StackedConvBlocks):  # the first conv reads the caller's tensor, later ones their own
-        for i, block in enumerate(module.convs):
-            x = _lean_conv_block(block, x, inplace=i > 0)
-        return x
-    if isinstance(module, BasicBlockD) and not module.apply_stochastic_depth and not module.apply_se:
-        out = _lean_conv_block(module.conv2, _lean_conv_block(module.conv1, x), inplace=True)
-        out += module.skip(x)
-        return module.nonlin2(out)
-    return module(x)
-
-
-def lean_encoder_forward(encoder: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The library encoder's skips at inference, with its norms applied in place: at a 192³ window with 32 channels
-    each full-resolution block holds two fewer 0.9 GB volumes at its peak; the numbers are the library's."""
-    stem = getattr(encoder, "stem", None)
-    if stem is not None:
-        x = _lean_module(stem, x)
-    skips = []
-    for stage in encoder.stages:
-        x = _lean_module(stage, x)
-        skips.append(x)
-    return skips
 
 
 class _NNUNetEncoderBase(ImageEncoder):
