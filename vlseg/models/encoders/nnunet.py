@@ -34,13 +34,6 @@ def _triples(strides) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in (s if isinstance(s, (list, tuple)) else (s, s, s))) for s in strides]
 
 
-def _common(features_per_stage, kernel_sizes, strides) -> tuple[list[int], list, list[tuple[int, int, int]]]:
-    features = [int(f) for f in features_per_stage]
-    n = len(features)
-    kernels = _triples(_per_stage(kernel_sizes, n, "kernel_sizes"))
-    return features, kernels, _triples(_per_stage(strides, n, "strides"))
-
-
 def _layers(conv_bias: bool, norm_eps: float) -> dict:
     """nnU-Net's default 3D operators: Conv3d, InstanceNorm3d (affine), LeakyReLU(0.01)."""
     return {"conv_op": nn.Conv3d, "conv_bias": bool(conv_bias), "norm_op": nn.InstanceNorm3d,
@@ -51,6 +44,18 @@ def _layers(conv_bias: bool, norm_eps: float) -> dict:
 class _NNUNetEncoderBase(ImageEncoder):
     in_channels: int
     encoder: nn.Module
+
+    def _setup(self, in_channels: int, features_per_stage, kernel_sizes, strides, conv_bias: bool,
+               norm_eps: float) -> dict:
+        """Record the encoder's channels and strides; the library encoders' common arguments (with
+        ``n_stages``, for the per-stage settings)."""
+        self.in_channels = int(in_channels)
+        self.feature_channels = [int(f) for f in features_per_stage]
+        n = len(self.feature_channels)
+        self.strides = _triples(_per_stage(strides, n, "strides"))
+        return {"input_channels": self.in_channels, "n_stages": n, "features_per_stage": self.feature_channels,
+                "kernel_sizes": _triples(_per_stage(kernel_sizes, n, "kernel_sizes")), "strides": self.strides,
+                "return_skips": True, **_layers(conv_bias, norm_eps)}
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """A single-channel scan repeated to the encoder's channels (SAT's backbone takes three copies)."""
@@ -95,13 +100,9 @@ class NNUNetPlain(_NNUNetEncoderBase):
         super().__init__()
         from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 
-        features, kernels, strides = _common(features_per_stage, kernel_sizes, strides)
-        n = len(features)
-        self.in_channels = int(in_channels)
-        self.encoder = PlainConvEncoder(self.in_channels, n, features, kernel_sizes=kernels, strides=strides,
-                                        n_conv_per_stage=_per_stage(n_conv_per_stage, n, "n_conv_per_stage"),
-                                        return_skips=True, **_layers(conv_bias, norm_eps))
-        self.feature_channels, self.strides = features, strides
+        common = self._setup(in_channels, features_per_stage, kernel_sizes, strides, conv_bias, norm_eps)
+        per_stage = _per_stage(n_conv_per_stage, common["n_stages"], "n_conv_per_stage")
+        self.encoder = PlainConvEncoder(n_conv_per_stage=per_stage, **common)
         self._build_decoder(decoder, n_conv_per_stage_decoder)
 
 
@@ -118,12 +119,8 @@ class NNUNetResEnc(_NNUNetEncoderBase):
         from dynamic_network_architectures.building_blocks.residual import BasicBlockD
         from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
-        features, kernels, strides = _common(features_per_stage, kernel_sizes, strides)
-        n = len(features)
-        self.in_channels = int(in_channels)
-        self.encoder = ResidualEncoder(self.in_channels, n, features, kernel_sizes=kernels, strides=strides,
-                                       n_blocks_per_stage=_per_stage(n_blocks_per_stage, n, "n_blocks_per_stage"),
-                                       block=BasicBlockD, return_skips=True, stem_channels=stem_channels,
-                                       **_layers(conv_bias, norm_eps))
-        self.feature_channels, self.strides = features, strides
+        common = self._setup(in_channels, features_per_stage, kernel_sizes, strides, conv_bias, norm_eps)
+        per_stage = _per_stage(n_blocks_per_stage, common["n_stages"], "n_blocks_per_stage")
+        self.encoder = ResidualEncoder(n_blocks_per_stage=per_stage, block=BasicBlockD, stem_channels=stem_channels,
+                                       **common)
         self._build_decoder(decoder, n_conv_per_stage_decoder)
