@@ -9,9 +9,8 @@ with the family's ``convert``, as ``vlseg import`` does.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,46 +24,20 @@ from vlseg.released.base import RELEASED, map_state
 from vlseg.released.clip_universal import CLASSES, prepare
 
 FIXTURES = Path(__file__).parent / "fixtures" / "clip_universal"
+# The fixtures store no weights: they are drawn again here by the very function that drew them (checked by digest).
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "parity"))
+from make_clip_universal_fixtures import fixture_weights, weights_digest  # noqa: E402
+
 FAMILIES = {"unet": "clip-universal-unet", "swinunetr": "clip-universal-swin"}
 TOLERANCE = 1e-4
-
-
-def drawn_weights(spec: dict, seed: int) -> dict[str, torch.Tensor]:
-    """The fixture's weights: per floating key, uniform draws seeded by (seed, crc32(key)), scaled by role."""
-    out = {}
-    for key, entry in spec.items():
-        if entry["dtype"].startswith("float"):
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-            out[key] = scaled(key, torch.rand(entry["shape"], generator=gen) * 2 - 1)
-    return out
-
-
-def scaled(key: str, u: torch.Tensor) -> torch.Tensor:
-    if key.endswith("running_var"):
-        return 0.5 + u.abs()
-    if key.endswith("relative_position_bias_table"):
-        return 0.1 * u
-    if key.endswith("organ_embedding"):
-        return 0.7 * u
-    if u.dim() == 1:
-        return 1 + 0.2 * u if key.endswith("weight") else 0.1 * u
-    return u * (3.0 / u[0].numel()) ** 0.5
-
-
-def digest(weights: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(weights):
-        h.update(key.encode())
-        h.update(weights[key].contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def released_net(backbone: str) -> dict[str, torch.Tensor]:
     """A fixture's ``ckpt['net']``, in the released checkpoint's naming."""
     meta = json.loads((FIXTURES / f"{backbone}.json").read_text())
     ref = np.load(FIXTURES / f"{backbone}.npz")
-    weights = drawn_weights(meta["keys"], meta["seed"])
-    assert digest(weights) == meta["weights_digest"], "torch's CPU generator changed: rerun the fixture script"
+    weights = fixture_weights(meta["keys"], meta["seed"])
+    assert weights_digest(weights) == meta["weights_digest"], "torch's CPU generator changed: rerun the fixture script"
     net = dict(weights)
     for key, entry in meta["keys"].items():
         if key not in net:
