@@ -18,8 +18,7 @@ import pytest
 import torch
 
 from vlseg.errors import VlsegError
-from vlseg.models.network import VLSegNet, build_fusion, network_from_checkpoint
-from vlseg.registry import IMAGE_ENCODERS
+from vlseg.models.network import build_vision_network, network_from_checkpoint
 from vlseg.released.base import RELEASED, map_state
 from vlseg.released.clip_universal import CLASSES, prepare
 
@@ -98,8 +97,7 @@ def test_full_size_keys_map_one_to_one(backbone):
     family = RELEASED.get(FAMILIES[backbone])()
     cfg = load_config(family.config)
     with torch.device("meta" if backbone == "unet" else "cpu"):
-        encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
-        net = VLSegNet(encoder, build_fusion(cfg, encoder, 512), 512)
+        net = build_vision_network(cfg, 512)
     target = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("prompt_")}
     source = {k: torch.empty(e["shape"], device="meta") for k, e in spec.items()}
     mapped = [family.rename(k) for k in source]

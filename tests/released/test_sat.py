@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from vlseg.cli.import_ import main as import_main
 from vlseg.config import load_config
 from vlseg.errors import VlsegError
-from vlseg.models.network import network_from_checkpoint
+from vlseg.models.network import build_vision_network, network_from_checkpoint
 from vlseg.released.base import RELEASED
-from vlseg.released.sat import build_vision, fill_sizes, vision_key, vision_sizes
+from vlseg.released.sat import fill_sizes, vision_key, vision_sizes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sat"
 TOLERANCE_LOGITS = 1e-4
@@ -113,7 +113,7 @@ def test_full_size_keys_map_one_to_one(family):
     with torch.device("meta"):
         sizes = vision_sizes({k.removeprefix("module."): torch.empty(v) for k, v in shapes.items()}, Path(family))
         cfg = fill_sizes(cfg, sizes, Path(family), other_widths=False, family=family)  # the published widths
-        net = build_vision(cfg, text_dim=768)
+        net = build_vision_network(cfg, 768)
     target = {k: list(v.shape) for k, v in net.state_dict().items() if k not in ("prompt_center", "prompt_scale")}
     mapped, dropped = {}, []
     for key, shape in shapes.items():

@@ -85,11 +85,17 @@ class VLSegNet(nn.Module):
 def build_network(cfg: dict, vocabulary) -> tuple[VLSegNet, TextEncoder]:
     """Build the network and its text encoder from a resolved config. Returns ``(net, text_encoder)``."""
     text_encoder = build_text_encoder(cfg["text_encoder"], vocabulary)
-    image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
-    fusion = build_fusion(cfg, image_encoder, text_encoder.dim)
-    net = VLSegNet(image_encoder, fusion, text_encoder.dim, None if text_encoder.frozen else text_encoder,
-                   axis_order=(cfg.get("data") or {}).get("axis_order", "xyz"))
+    net = build_vision_network(cfg, text_encoder.dim, None if text_encoder.frozen else text_encoder)
     return net, text_encoder
+
+
+def build_vision_network(cfg: dict, text_dim: int, text_encoder: TextEncoder | None = None) -> VLSegNet:
+    """The config's image encoder and fusion for prompts ``text_dim`` wide, as a ``VLSegNet`` (a trained
+    ``text_encoder`` inside; a frozen one stays outside, and needs not be built for this)."""
+    image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
+    fusion = build_fusion(cfg, image_encoder, text_dim)
+    return VLSegNet(image_encoder, fusion, text_dim, text_encoder,
+                    axis_order=(cfg.get("data") or {}).get("axis_order", "xyz"))
 
 
 def build_fusion(cfg: dict, image_encoder: ImageEncoder, text_dim: int) -> Fusion:

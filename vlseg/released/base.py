@@ -84,6 +84,15 @@ def map_state(source: Mapping[str, torch.Tensor], target_shapes: Mapping[str, tu
     return out
 
 
+def network_state(source: Mapping[str, torch.Tensor], net: torch.nn.Module, rename: Callable[[str], str | None],
+                  where: str) -> dict[str, torch.Tensor]:
+    """A released state dict mapped strictly onto ``net`` (a ``VLSegNet``); the network's prompt standardisation,
+    which the originals do not have, set to the identity (prompts enter as their text encoder gives them)."""
+    fixed = {"prompt_center": torch.zeros_like(net.prompt_center), "prompt_scale": torch.ones_like(net.prompt_scale)}
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in fixed}
+    return {**map_state(source, shapes, rename, where), **fixed}
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

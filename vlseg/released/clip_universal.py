@@ -29,7 +29,7 @@ import torch
 
 from vlseg.config import load_config
 from vlseg.errors import VlsegError
-from vlseg.released.base import RELEASED, ReleasedFamily, map_state, read_torch_file, write_model_dir
+from vlseg.released.base import RELEASED, ReleasedFamily, network_state, read_torch_file, write_model_dir
 
 # The original's 32 classes in channel order (utils/utils.py ORGAN_NAME), lower-cased, with extra wordings users type.
 CLASSES: list[tuple[str, list[str]]] = [
@@ -149,9 +149,7 @@ class ClipUniversal(ReleasedFamily):
         with tempfile.TemporaryDirectory() as tmp:
             bank = write_class_bank(Path(tmp) / BANK, embeddings)
             model, identity, cfg = self.build(bank)
-            target = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("prompt_")}
-            state = map_state(prepare(net), target, self.rename, str(checkpoint))
-            state.update(prompt_center=torch.zeros(EMBED_DIM), prompt_scale=torch.ones(1))  # prompts enter as they are
+            state = network_state(prepare(net), model, self.rename, str(checkpoint))
             provenance = self.provenance(checkpoint=checkpoint, txt_encoding=txt)
             return write_model_dir(out, cfg, state, vocabulary(), identity, provenance, {BANK: bank})
 

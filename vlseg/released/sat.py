@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from vlseg.errors import VlsegError
-from vlseg.released.base import RELEASED, ReleasedFamily, map_state, read_torch_file, write_model_dir
+from vlseg.models.network import build_vision_network
+from vlseg.released.base import RELEASED, ReleasedFamily, map_state, network_state, read_torch_file, write_model_dir
 
 HEAD_FILE = "sat_head.safetensors"
 TEXT_DIR = "text"
@@ -136,24 +137,6 @@ def _plain(value):
 # ---------------------------------------------------------------------------------------------------------- vision
 
 
-def build_vision(cfg: dict, text_dim: int):
-    """vlseg's network for a resolved SAT config (no text encoder inside: it stays frozen, outside)."""
-    from vlseg.models.network import VLSegNet, build_fusion
-    from vlseg.registry import IMAGE_ENCODERS
-
-    image_encoder = IMAGE_ENCODERS.build(cfg["image_encoder"])
-    fusion = build_fusion(cfg, image_encoder, text_dim)
-    return VLSegNet(image_encoder, fusion, text_dim, axis_order=cfg["data"].get("axis_order", "xyz"))
-
-
-def convert_vision(state: dict[str, torch.Tensor], net, where: str) -> dict[str, torch.Tensor]:
-    """SAT's vision weights as ``net``'s state dict, strictly; the prompt standardisation set to the identity."""
-    fixed = {"prompt_center": torch.zeros_like(net.prompt_center), "prompt_scale": torch.ones_like(net.prompt_scale)}
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items() if k not in fixed}
-    mapped = map_state(state, shapes, vision_key, where)
-    return {**mapped, **fixed}
-
-
 # ------------------------------------------------------------------------------------------------------------ text
 
 
@@ -245,8 +228,8 @@ class _SatFamily(ReleasedFamily):
             write_text_folder(Path(args.biolord), Path(args.text_checkpoint), text_dir)
             text = SatTextEncoder(path=str(text_dir), weights=str(text_dir / HEAD_FILE), modality=args.modality)
             identity = {**text.identity(), "path": TEXT_DIR}
-            net = build_vision(cfg, text.dim)
-            weights = convert_vision(raw, net, str(args.checkpoint))
+            net = build_vision_network(cfg, text.dim)
+            weights = network_state(raw, net, vision_key, str(args.checkpoint))
             provenance = self.provenance(checkpoint=args.checkpoint, text_checkpoint=args.text_checkpoint,
                                          biolord=args.biolord)
             return write_model_dir(out, cfg, weights, Vocabulary.load("default").to_dict(), identity, provenance,

@@ -21,11 +21,9 @@ import math
 import re
 from pathlib import Path
 
-import torch
-
 from vlseg.config import load_config
 from vlseg.errors import VlsegError
-from vlseg.released.base import RELEASED, ReleasedFamily, map_state, read_torch_file, write_model_dir
+from vlseg.released.base import RELEASED, ReleasedFamily, network_state, read_torch_file, write_model_dir
 
 INSTRUCTION = ("Instruct: Given an anatomical term query, retrieve the precise anatomical entity and location it "
                "represents\nQuery: {}")
@@ -109,7 +107,7 @@ def fusion_settings(weights: dict, features: list[int], strides: list, patch: li
             "text_hidden": shape("project_text_embed.0.weight")[0],
             "stage_hidden": shape("project_to_decoder_channels.0.0.weight")[0],
             "memory_stage": memory_stage, "memory_grid": memory_grid, "fused_stages": len(stages),
-            "channels_per_prompt": channels, "n_conv_per_stage": None}
+            "channels_per_prompt": channels}
 
 
 @RELEASED.register("voxtell")
@@ -144,7 +142,7 @@ class VoxTell(ReleasedFamily):
         cfg["data"]["crop_size"] = list(reversed(patch))  # nnU-Net's axes are vlseg's reversed
         return cfg
 
-    def text_section(self, args, text_dim: int) -> tuple[dict, dict]:
+    def text_section(self, args) -> tuple[dict, dict]:
         """The text encoder's config (with the bank's path inside the model folder) and the files to copy."""
         backbone = None
         if args.text_model:
@@ -167,19 +165,16 @@ class VoxTell(ReleasedFamily):
         where = str(model_dir / "fold_0" / "checkpoint_final.pth")
         arch, patch = read_plans(model_dir)
         weights = network_weights(model_dir)
-        text_dim = int(weights["project_text_embed.0.weight"].shape[1]) if "project_text_embed.0.weight" in weights \
-            else 0
-        text, files = self.text_section(args, text_dim)
-        cfg = self.build_config(arch, patch, weights, text, where)
+        text, files = self.text_section(args)
+        cfg = self.build_config(arch, patch, weights, text, where)  # (checks the weights are a VoxTell network's)
+        text_dim = int(weights["project_text_embed.0.weight"].shape[1])
         vocabulary = Vocabulary.load(cfg["vocabulary"])
         build_cfg = {**cfg, "text_encoder": {**text, "bank": str(args.bank)} if args.bank else text}
         net, text_encoder = build_network(build_cfg, vocabulary)
         if text_encoder.dim != text_dim:
             raise VlsegError(f"the text encoder gives {text_encoder.dim}-d embeddings, the VoxTell network reads "
                              f"{text_dim}-d ones")
-        target = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        state = map_state(weights, {k: s for k, s in target.items() if not k.startswith("prompt_")}, rename, where)
-        state.update(prompt_center=torch.zeros(text_dim), prompt_scale=torch.ones(1))  # prompts enter as they are
+        state = network_state(weights, net, rename, where)
         identity = text_encoder.identity()
         provenance = self.provenance(plans=model_dir / "plans.json", checkpoint=Path(where),
                                      bank=Path(args.bank) if args.bank else None)
