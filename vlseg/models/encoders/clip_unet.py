@@ -4,7 +4,8 @@ Four levels.  Level ``d`` (0 = full resolution) runs two 3×3×3 convolutions, e
 and a ReLU; the first gives ``w·2^d`` channels, the second doubles them, so the levels hand ``2w, 4w, 8w, 16w``
 channels on (64…512 at the released ``w = 32``; 19.1 M parameters).  A 2×2×2 max pool separates the levels; the
 deepest level is the bottleneck.  Going up, a 2×2×2 transposed convolution (channels kept) doubles the resolution,
-its output is concatenated *before* the level's skip and two convolutions bring the channels back to the level's ``2w·2^d``.
+its output is concatenated *before* the level's skip and two convolutions bring the channels back to the level's
+``2w·2^d``.
 
 What the fusions get (``ImageFeatures``, fine → coarse): the levels' outputs as ``skips``, the up-path outputs and the
 bottleneck as ``decoder``, and the full-resolution up-path output (``2w`` channels, no projection) as the voxel
