@@ -59,6 +59,20 @@ class FusionOutput(NamedTuple):
     deep_supervision: tuple[torch.Tensor, ...] = ()
 
 
+PRESENCE_READOUTS = ("head", "max_logit")
+
+
+def max_logit_presence(mask_logits: torch.Tensor) -> torch.Tensor:
+    """The presence logit of a fusion without a presence head: each query's largest mask logit in the window, so
+    "present" means "some voxel is positive" (``[B, Q, *grid]`` → ``[B, Q]``)."""
+    return mask_logits.flatten(2).amax(2)
+
+
+def check_presence(presence: str) -> None:
+    if presence not in PRESENCE_READOUTS:
+        raise ValueError(f"fusion.presence={presence!r}: use 'head' or 'max_logit'")
+
+
 class ImageEncoder(nn.Module):
     """Base of the image encoders: ``forward(image [B, C, D, H, W]) → ImageFeatures``.
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -152,9 +154,6 @@ def network_from_checkpoint(path) -> tuple[VLSegNet, TextEncoder, "Vocabulary", 
 def with_model_paths(cfg: dict, ckpt) -> dict:
     """The config with the text encoder's relative file settings (``path``, ``bank``, ``weights``, ``config_dir``, in
     its section or its ``backbone``) resolved against the checkpoint folder, where an imported model keeps them."""
-    import copy
-    from pathlib import Path
-
     cfg = copy.deepcopy(cfg)
     sections = [cfg.get("text_encoder") or {}]
     sections += [s["backbone"] for s in sections if isinstance(s.get("backbone"), dict)]

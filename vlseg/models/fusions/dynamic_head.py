@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
+from vlseg.models.features import Fusion, FusionOutput, ImageFeatures, check_presence, max_logit_presence
 from vlseg.registry import FUSIONS
 
 
@@ -45,8 +45,7 @@ class DynamicHead(Fusion):
             raise ValueError("fusion.head_layers must be at least 1")
         if param_order not in ("per_layer", "weights_first"):
             raise ValueError(f"fusion.param_order={param_order!r}: choose 'per_layer' or 'weights_first'")
-        if presence not in ("head", "max_logit"):
-            raise ValueError(f"fusion.presence={presence!r}: choose 'head' or 'max_logit'")
+        check_presence(presence)
         self.head_channels, self.head_layers = head_channels, head_layers
         self.code_relu, self.param_order = bool(code_relu), param_order
         # The global image vector: normalised, rectified bottleneck features, averaged, projected.
@@ -98,7 +97,7 @@ class DynamicHead(Fusion):
             h = torch.einsum("bqoc,bqcxyz->bqoxyz", w, F.relu(h)) + b[..., None, None, None]
         logits = h[:, :, 0]
         if self.presence is None:
-            return FusionOutput(logits, logits.flatten(2).amax(-1))
+            return FusionOutput(logits, max_logit_presence(logits))
         return FusionOutput(logits, self.presence(ctrl_in).squeeze(-1))
 
 

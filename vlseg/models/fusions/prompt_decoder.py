@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from vlseg.errors import VlsegError
-from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
+from vlseg.models.features import Fusion, FusionOutput, ImageFeatures, max_logit_presence
 from vlseg.models.fusions.query_decoder import DecoderLayer, index_positions_3d, mlp
 from vlseg.models.lean import lean_finest_stage, lean_stage_applies
 from vlseg.registry import FUSIONS
@@ -136,4 +136,4 @@ class PromptDecoder(Fusion):
             supervision.append(heads)
         mask_logits = torch.cat(masks, dim=1)
         deep = tuple(torch.cat(level, dim=1) for level in zip(*supervision)) if self.training else ()
-        return FusionOutput(mask_logits, mask_logits.flatten(2).amax(2), deep)
+        return FusionOutput(mask_logits, max_logit_presence(mask_logits), deep)

@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlseg.models.features import Fusion, FusionOutput, ImageFeatures
+from vlseg.models.features import Fusion, FusionOutput, ImageFeatures, check_presence, max_logit_presence
 from vlseg.registry import FUSIONS
 
 
@@ -120,8 +120,7 @@ def _check_switches(text_dim: int, dim: int, positions: str, project_queries: bo
         raise ValueError(f"fusion.positions={positions!r}: use 'normalized' or 'sat'")
     if ffn_activation not in _ACTIVATIONS:
         raise ValueError(f"fusion.ffn_activation={ffn_activation!r}: use {' or '.join(map(repr, _ACTIVATIONS))}")
-    if presence not in ("head", "max_logit"):
-        raise ValueError(f"fusion.presence={presence!r}: use 'head' or 'max_logit'")
+    check_presence(presence)
     if not project_queries and int(text_dim) != int(dim):
         raise ValueError(f"fusion.project_queries=false needs text embeddings as wide as fusion.dim ({text_dim} vs "
                          f"{dim})")
@@ -265,7 +264,7 @@ class QueryDecoder(Fusion):
         if self.presence_head is not None:
             presence = self.presence_head(q).squeeze(-1)
         else:  # no presence head (SAT): "present" when some voxel of the window is positive
-            presence = logits.flatten(2).amax(-1)
+            presence = max_logit_presence(logits)
         if not (self.aux_levels and self.training):
             return FusionOutput(logits, presence)
         scales = self.aux_scales if self.aux_scales is not None else [None] * len(self.aux_levels)
