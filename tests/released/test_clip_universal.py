@@ -95,7 +95,7 @@ def test_full_size_keys_map_one_to_one(backbone):
 
     spec = json.loads((FIXTURES / f"{backbone}.json").read_text())["keys"]
     family = RELEASED.get(FAMILIES[backbone])()
-    cfg = load_config(family.config)
+    cfg = load_config(family.recipe)
     with torch.device("meta" if backbone == "unet" else "cpu"):
         net = build_vision_network(cfg, 512)
     target = {k: tuple(v.shape) for k, v in net.state_dict().items() if not k.startswith("prompt_")}

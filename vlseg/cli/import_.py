@@ -18,8 +18,6 @@ def _families():
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     families = _families()
-    for name, family in families.items():
-        family.name = name
     parser = argparse.ArgumentParser(prog="vlseg import", description=(
         "Turn the files a user downloaded from a released model's page into a vlseg model directory "
         "(safetensors, resolved config, vocabulary, text-encoder identity, licence and provenance). Every key is "

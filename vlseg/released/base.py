@@ -129,6 +129,11 @@ class ReleasedFamily:
     origin: str = ""
     description: str = ""
 
+    @property
+    def recipe(self) -> str:
+        """The family's own settings: the shipped config ``configs/released/<family>.yaml``."""
+        return f"released/{self.name}"
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         raise NotImplementedError
 

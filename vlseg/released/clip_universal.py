@@ -123,11 +123,10 @@ def vocabulary() -> dict:
 
 
 class ClipUniversal(ReleasedFamily):
-    """Shared by the two backbones; a subclass names its config, its key renaming and the other family's telltale."""
+    """Shared by the two backbones; a subclass names its key renaming and the other family's telltale."""
 
     licence = "CC BY-NC-ND 4.0 (Johns Hopkins University; non-commercial use, no derivatives, attribute)"
     origin = "https://github.com/ljwztc/CLIP-Driven-Universal-Model (weights linked from its README)"
-    config = ""
     other_family, other_marker = "", ""
 
     def rename(self, key: str) -> str | None:
@@ -159,7 +158,7 @@ class ClipUniversal(ReleasedFamily):
         from vlseg.models.network import build_network
         from vlseg.vocab.vocabulary import Vocabulary
 
-        cfg = load_config(self.config)
+        cfg = load_config(self.recipe)
         cfg["text_encoder"]["bank"] = BANK
         net, text_encoder = build_network({**cfg, "text_encoder": {**cfg["text_encoder"], "bank": str(bank)}},
                                           Vocabulary.from_dict(vocabulary(), self.name))
@@ -177,7 +176,6 @@ class ClipUniversalUNetFamily(ClipUniversal):
     name = "clip-universal-unet"
     description = ("CLIP-Driven Universal Model, 3D U-Net backbone (19.1 M): 25 abdominal organs and 7 tumour/cyst "
                    "classes on CT, prompts limited to its 32 class names.")
-    config = "released/clip-universal-unet"
     other_family, other_marker = "clip-universal-swin", "swinViT."
 
     def rename(self, key: str) -> str | None:
@@ -189,7 +187,6 @@ class ClipUniversalSwinFamily(ClipUniversal):
     name = "clip-universal-swin"
     description = ("CLIP-Driven Universal Model, SwinUNETR backbone (62.2 M): 25 abdominal organs and 7 tumour/cyst "
                    "classes on CT, prompts limited to its 32 class names.")
-    config = "released/clip-universal-swin"
     other_family, other_marker = "clip-universal-unet", "down_tr64."
 
     def rename(self, key: str) -> str | None:

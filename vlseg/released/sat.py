@@ -197,7 +197,6 @@ class _SatFamily(ReleasedFamily):
     # model card, and BioLORD-2023-C's of its own.
     licence = ("not stated in github zhaoziheng/SAT (no licence file); see the model cards of huggingface.co/zzh99/SAT "
                "and FremyCompany/BioLORD-2023-C before use")
-    config_name = ""
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--checkpoint", required=True, type=Path, help="SAT's vision checkpoint (.pth)")
@@ -219,7 +218,7 @@ class _SatFamily(ReleasedFamily):
             raise VlsegError(f"{args.biolord}: not a transformers folder (no config.json)")
         raw = model_state(args.checkpoint)  # mapped as stored, so that an error names the key as the file has it
         state = {k.removeprefix("module."): v for k, v in raw.items()}
-        cfg = load_config(f"released/{self.config_name}")
+        cfg = load_config(self.recipe)
         cfg = fill_sizes(cfg, vision_sizes(state, args.checkpoint), args.checkpoint, args.other_widths, self.name)
         cfg["text_encoder"].update({"path": TEXT_DIR, "weights": f"{TEXT_DIR}/{HEAD_FILE}", "modality": args.modality})
         cfg = fill_component_defaults(cfg)
@@ -239,7 +238,6 @@ class _SatFamily(ReleasedFamily):
 @RELEASED.register("sat-nano")
 class SatNano(_SatFamily):
     name = "sat-nano"
-    config_name = "sat-nano"
     origin = "https://huggingface.co/zzh99/SAT (SAT-Nano, vision backbone UNET)"
     description = "SAT-Nano: 6-stage plain U-Net (64…768) + 6-layer cross-attention query decoder, BioLORD prompts."
 
@@ -247,6 +245,5 @@ class SatNano(_SatFamily):
 @RELEASED.register("sat-pro")
 class SatPro(_SatFamily):
     name = "sat-pro"
-    config_name = "sat-pro"
     origin = "https://huggingface.co/zzh99/SAT (SAT-Pro, vision backbone UNET-L)"
     description = "SAT-Pro: 6-stage plain U-Net (128…1536, 3 convs) + 6-layer cross-attention query decoder."

@@ -129,7 +129,7 @@ class VoxTell(ReleasedFamily):
         features = [int(v) for v in arch["features_per_stage"]]
         fusion = fusion_settings(weights, features, arch["strides"], patch, where)
         fusion["n_conv_per_stage"] = [int(v) for v in arch["n_conv_per_stage_decoder"]]
-        cfg = load_config("released/voxtell")
+        cfg = load_config(self.recipe)
         cfg["image_encoder"].update(
             features_per_stage=features, strides=[list(s) if isinstance(s, (list, tuple)) else s
                                                   for s in arch["strides"]],
