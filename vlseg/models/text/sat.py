@@ -26,7 +26,7 @@ from torch import nn
 
 from vlseg.errors import VlsegError
 from vlseg.models.text.base import TextEncoder, fingerprint_files
-from vlseg.models.text.hf import resolve_model_folder
+from vlseg.models.text.hf import load_transformers
 from vlseg.registry import TEXT_ENCODERS
 
 MODALITY_CODES = {"ct": 0, "mri": 1, "us": 2, "pet": 3}
@@ -93,14 +93,8 @@ class SatTextEncoder(TextEncoder):
         if not path or not weights:
             raise VlsegError("text_encoder: the sat encoder needs path (the tower's transformers folder) and weights "
                              "(its projection and modality embedding); vlseg import sat-nano writes both")
-        from transformers import AutoModel, AutoTokenizer
-
-        self.spec, folder = path, resolve_model_folder(path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            self.model = AutoModel.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise VlsegError(f"{folder}: cannot load transformers model ({str(exc).splitlines()[0]})") from None
+        self.spec = path
+        folder, tokenizer, self.model, towers = load_transformers(path)
         self.tokenize = SatTokenizer(tokenizer, max_length)
         self.max_length = int(max_length)
         self.head_path = Path(weights).expanduser()
@@ -110,7 +104,6 @@ class SatTextEncoder(TextEncoder):
         if self.code >= self.modality_embed.num_embeddings:
             raise VlsegError(f"{self.head_path}: no modality embedding for {modality!r} (row {self.code}; the file "
                              f"has {self.modality_embed.num_embeddings})")
-        towers = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
         self.fingerprint = fingerprint_files(towers + [folder / "config.json", self.head_path])
         self.frozen = False
         if freeze:
