@@ -13,6 +13,10 @@ canonical classes::
     modality: CT
     labels: {liver: liver, cancer: liver tumor}
 
+``labels: auto`` sends each local label name the vocabulary understands (a canonical name or one of its wordings) to
+its class; names it does not know are left unannotated and listed as ``unmapped`` in the report (formats whose files
+name their classes themselves, such as SAT-DS JSONL, are converted so).
+
 A map may start from another with ``labels_from: other.yaml`` (relative to it) and add or change labels; ``--dataset``
 and ``--split`` let one map serve several datasets (``--split test`` holds a whole dataset out).
 
@@ -21,7 +25,7 @@ is reported with its file and problem and skipped, the others are written, and t
 Every run also writes ``convert_report_<dataset>.json`` beside the manifest (one per dataset, since several datasets
 share a manifest), case ids as the manifest names them::
 
-    {"dataset": "MSDLiver", "source": "...", "converted": ["MSDLiver_liver_0"],
+    {"dataset": "MSDLiver", "source": "...", "converted": ["MSDLiver_liver_0"], "unmapped": [],
      "errors": [{"case": "MSDLiver_liver_1", "file": ".../liver_1.nii.gz", "problem": "label values [7] are ..."}]}
 
 Raw data is only read: nothing in ``--source`` is ever written, moved or deleted.
@@ -72,6 +76,21 @@ def class_values(local: dict[str, list[int]], mapping: dict, vocabulary: Vocabul
         return memo[name]
 
     return {name: sorted(values_of(name)) for name in vocabulary.names if values_of(name) is not None}
+
+
+def auto_mapping(local: dict[str, list[int]], vocabulary: Vocabulary) -> tuple[dict[str, str], list[str]]:
+    """``labels: auto``: local label name → the canonical class the vocabulary reads it as (background and names it
+    does not know are left out) → (mapping, unknown names)."""
+    mapping, unmapped = {}, []
+    for name, values in local.items():
+        if not values or set(values) == {0}:
+            continue
+        canonical = vocabulary.resolve(name.replace("_", " "))
+        if canonical is None:
+            unmapped.append(name)
+        else:
+            mapping[name] = canonical
+    return mapping, unmapped
 
 
 def check_case(case_id, image, label, classes, declared: set[int], dataset, modality, loaded=None) -> Case:
@@ -169,14 +188,19 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     modality = canonical_modality(spec["modality"], where=str(mapping_path))
     vocabulary = Vocabulary.load(spec.get("vocabulary", "default"))
     listing = list_source(source, spec, mapping_path, manifest)
-    classes = class_values(listing.labels, spec["labels"], vocabulary, str(mapping_path))
+    mapping, unmapped = spec["labels"], []
+    if mapping == "auto":
+        mapping, unmapped = auto_mapping(listing.labels, vocabulary)
+    if not isinstance(mapping, dict):
+        raise VlsegError(f"{mapping_path}: labels must be a mapping (local label → canonical class) or 'auto'")
+    classes = class_values(listing.labels, mapping, vocabulary, str(mapping_path))
     cases, errors, failed = check_cases(listing, spec, classes, modality, vocabulary, progress)
     assign_splits(cases, split, val_fraction, seed)
     kept = [c for c in read_manifest(manifest) if c.dataset != spec["dataset"]] if manifest.is_file() else []
     if cases:
         write_manifest(manifest, kept + cases)
     report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [c.case_id for c in cases],
-              "errors": failed}
+              "unmapped": unmapped, "errors": failed}
     manifest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(manifest.parent / f"convert_report_{spec['dataset']}.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
