@@ -109,7 +109,7 @@ def test_reconverting_replaces_only_that_dataset(phantom_corpus, tmp_path):
     cases = read_manifest(manifest)
     assert sorted({c.dataset for c in cases}) == ["A", "B"] and len(cases) == 6
     assert all(c.classes == {"liver": [1, 2]} for c in cases if c.dataset == "A")
-    assert all(c.classes["kidney"] == [4, 5] for c in cases if c.dataset == "B")
+    assert all(c.classes["kidney"] == [1, 2] for c in cases if c.dataset == "B")
 
 
 def test_bad_map_or_folder(tmp_path):

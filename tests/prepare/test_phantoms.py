@@ -13,7 +13,7 @@ from scipy import ndimage
 from vlseg.cli.prepare import phantoms_main as main
 from vlseg.errors import VlsegError
 from vlseg.prepare.manifest import read_manifest, write_manifest
-from vlseg.prepare.phantoms import DATASETS, LABELS, generate_corpus, make_case
+from vlseg.prepare.phantoms import DATASETS, generate_corpus, make_case
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE, SPACING = (40, 40, 32), (2.5, 2.5, 3.0)
@@ -37,8 +37,8 @@ def test_layout_and_dataset_json(corpus):
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [d[0] for d in DATASETS]
     expected = {
         "Dataset001_PhantomLiver": {"background": 0, "liver": [1, 2], "liver tumor": 2},
-        "Dataset002_PhantomKidney": {"background": 0, "right kidney": 4, "left kidney": 5},
-        "Dataset003_PhantomSpleen": {"background": 0, "spleen": 3, "liver": 1},
+        "Dataset002_PhantomKidney": {"background": 0, "right kidney": 1, "left kidney": 2},  # consecutive, as nnU-Net
+        "Dataset003_PhantomSpleen": {"background": 0, "spleen": 2, "liver": 1},             # wants them
         "Dataset004_PhantomTest": {"background": 0, "liver": [1, 2], "liver tumor": 2, "spleen": 3,
                                    "right kidney": 4, "left kidney": 5},
     }
@@ -47,17 +47,16 @@ def test_layout_and_dataset_json(corpus):
         assert meta["labels"] == expected[folder] and meta["name"] == name
         assert meta["channel_names"] == {"0": "CT"} and meta["file_ending"] == ".nii.gz"
         if any(isinstance(v, list) for v in meta["labels"].values()):
-            assert meta["regions_class_order"] == sorted(v for k, v in LABELS.items() if k in meta["labels"])
+            assert meta["regions_class_order"] == list(range(1, len(meta["labels"])))
         else:
             assert "regions_class_order" not in meta
-        images, labels = ("imagesTs", "labelsTs") if kind == "test" else ("imagesTr", "labelsTr")
-        n = N_TEST if kind == "test" else N_TRAIN
-        assert meta["numTraining"] == (0 if kind == "test" else N_TRAIN)
-        assert sorted(p.name for p in (root / folder / images).iterdir()) == \
+        n = N_TEST if kind == "test" else N_TRAIN  # test cases too sit in imagesTr: nnU-Net wants labelled cases there
+        assert meta["numTraining"] == n
+        assert sorted(p.name for p in (root / folder / "imagesTr").iterdir()) == \
             [f"{name}_{i:03d}_0000.nii.gz" for i in range(n)]
-        assert sorted(p.name for p in (root / folder / labels).iterdir()) == [f"{name}_{i:03d}.nii.gz" for i in range(n)]
-        other = ("imagesTr", "labelsTr") if kind == "test" else ("imagesTs", "labelsTs")
-        assert not any((root / folder / o).exists() for o in other)
+        assert sorted(p.name for p in (root / folder / "labelsTr").iterdir()) == \
+            [f"{name}_{i:03d}.nii.gz" for i in range(n)]
+        assert not any((root / folder / o).exists() for o in ("imagesTs", "labelsTs"))
 
 
 def test_manifest_lists_every_case(corpus, tmp_path):
@@ -96,11 +95,11 @@ def test_label_files_hold_only_annotated_values(corpus):
         allowed = {0} | {v for values in case.classes.values() for v in values}
         assert set(np.unique(label).tolist()) <= allowed, case.case_id
         if case.dataset == "PhantomSpleen":
-            assert case.classes == {"spleen": [3], "liver": [1]} and not (label == 2).any()
+            assert case.classes == {"spleen": [2], "liver": [1]} and set(np.unique(label)) == {0, 1, 2}
         if case.dataset == "PhantomLiver":
             assert case.classes == {"liver": [1, 2], "liver tumor": [2]}
         if case.dataset == "PhantomKidney":
-            assert case.classes == {"right kidney": [4], "left kidney": [5]} and set(np.unique(label)) == {0, 4, 5}
+            assert case.classes == {"right kidney": [1], "left kidney": [2]} and set(np.unique(label)) == {0, 1, 2}
         if case.dataset == "PhantomTest":
             assert case.classes == {"liver": [1, 2], "liver tumor": [2], "spleen": [3], "right kidney": [4],
                                     "left kidney": [5]}

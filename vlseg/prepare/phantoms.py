@@ -5,11 +5,15 @@
 * ``Dataset001_PhantomLiver``   annotates liver and liver tumour
 * ``Dataset002_PhantomKidney``  annotates right and left kidney
 * ``Dataset003_PhantomSpleen``  annotates spleen and liver but not liver tumour (tumour voxels are written as liver)
-* ``Dataset004_PhantomTest``    annotates all five classes; split "test" (``imagesTs``/``labelsTs``)
+* ``Dataset004_PhantomTest``    annotates all five classes; split "test"
 
-The last case of each training dataset is split "val".  A label file holds only the values of its dataset's annotated
-classes; everything else is 0 there.  Label values: 1 liver, 2 liver tumour, 3 spleen, 4 right kidney, 5 left kidney
-("liver" is the union of 1 and 2 wherever tumours are annotated).
+The last case of each training dataset is split "val".  Every dataset keeps its cases in ``imagesTr``/``labelsTr``
+(the test one too: nnU-Net wants labelled cases there; the manifest says which split a case belongs to), so each folder
+passes nnU-Net v2's ``verify_dataset_integrity``.  A label file holds only its dataset's annotated classes, numbered
+1, 2, ... in the order liver, liver tumour, spleen, right kidney, left kidney (nnU-Net wants consecutive values):
+PhantomLiver 1 liver, 2 liver tumour; PhantomKidney 1 right, 2 left kidney; PhantomSpleen 1 liver, 2 spleen;
+PhantomTest 1 liver, 2 liver tumour, 3 spleen, 4 right kidney, 5 left kidney.  "liver" is the union of liver and
+liver tumour wherever tumours are annotated; everything else is 0.
 
 Images are HU, int16 NIfTI, RAS: array axis 0 runs toward the patient's left, 1 toward anterior, 2 toward superior,
 so the liver sits at low x and the spleen at high x.  The anatomy is drawn in normalised coordinates (-1..1 per axis),
@@ -32,6 +36,7 @@ from vlseg.prepare.manifest import Case, write_manifest
 from vlseg.transforms.boxes import class_boxes
 from vlseg.transforms.spatial import positive_triple
 
+# Values in make_case's full label map (and in PhantomTest); each dataset renumbers its own classes 1, 2, ...
 LABELS = {"liver": 1, "liver tumor": 2, "spleen": 3, "right kidney": 4, "left kidney": 5}
 DATASETS = [  # (folder, dataset name, annotated classes, kind)
     ("Dataset001_PhantomLiver", "PhantomLiver", ["liver", "liver tumor"], "train"),
@@ -57,15 +62,18 @@ ORGANS = {
 }
 
 
+def local_values(annotated: list[str]) -> dict[str, int]:
+    """The label value each annotated class is written with in its dataset: 1, 2, ... in the order of ``LABELS``."""
+    return {name: i + 1 for i, name in enumerate(n for n in LABELS if n in annotated)}
+
+
 def class_values(annotated: list[str]) -> dict[str, list[int]]:
     """Label values composing each annotated class.  The liver includes its tumours; a dataset that does not annotate
-    tumours writes them as liver, so there the liver is value 1 alone."""
-    out = {}
-    for name in annotated:
-        if name == "liver":
-            out[name] = [1, 2] if "liver tumor" in annotated else [1]
-        else:
-            out[name] = [LABELS[name]]
+    tumours writes them as liver, so there the liver is its own value alone."""
+    local = local_values(annotated)
+    out = {name: [local[name]] for name in annotated}
+    if "liver" in local and "liver tumor" in local:
+        out["liver"] = [local["liver"], local["liver tumor"]]
     return out
 
 
@@ -313,17 +321,16 @@ def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(56, 56, 
         image, full, _ = make_case(shape, rng)
         affine = phantom_affine(shape, spacing, offset=np.round(rng.uniform(-20.0, 20.0, size=3), 1))
 
-        values = class_values(annotated)
+        values, local = class_values(annotated), local_values(annotated)
         label = np.zeros_like(full)
         for cls in annotated:
-            label[full == LABELS[cls]] = LABELS[cls]
+            label[full == LABELS[cls]] = local[cls]
         if "liver" in annotated and "liver tumor" not in annotated:
-            label[full == LABELS["liver tumor"]] = LABELS["liver"]
+            label[full == LABELS["liver tumor"]] = local["liver"]
 
-        images, labels = ("imagesTs", "labelsTs") if kind == "test" else ("imagesTr", "labelsTr")
         case_id = f"{name}_{i:03d}"
-        img_path = out_dir / folder / images / f"{case_id}_0000.nii.gz"
-        lab_path = out_dir / folder / labels / f"{case_id}.nii.gz"
+        img_path = out_dir / folder / "imagesTr" / f"{case_id}_0000.nii.gz"
+        lab_path = out_dir / folder / "labelsTr" / f"{case_id}.nii.gz"
         _save(np.clip(np.rint(image), -1024, 3071).astype(np.int16), affine, img_path)
         _save(label, affine, lab_path)
         written |= {img_path, lab_path}
@@ -337,17 +344,16 @@ def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(56, 56, 
 
     for d, (folder, name, annotated, kind) in enumerate(DATASETS):
         pattern = re.compile(rf"{re.escape(name)}_\d+(_0000)?\.nii\.gz")
-        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):  # (older versions wrote the test cases in *Ts)
             for f in (out_dir / folder / sub).glob("*.nii.gz"):
                 if pattern.fullmatch(f.name) and f not in written:
                     f.unlink()
-        meta = {"name": name, "description": "vlseg procedural abdomen CT phantom", "reference": "vlseg/prepare/phantoms.py",
+        description = "vlseg procedural abdomen CT phantom" + (" (vlseg's test split)" if kind == "test" else "")
+        meta = {"name": name, "description": description, "reference": "vlseg/prepare/phantoms.py",
                 "licence": "CC0", "channel_names": {"0": "CT"}, "labels": dataset_labels(annotated),
-                "numTraining": 0 if kind == "test" else n_train, "file_ending": ".nii.gz"}
-        if kind == "test":
-            meta["numTest"] = n_test
+                "numTraining": n_test if kind == "test" else n_train, "file_ending": ".nii.gz"}
         if any(isinstance(v, list) for v in meta["labels"].values()):  # region-based: how regions become labels
-            meta["regions_class_order"] = sorted({LABELS[c] for c in annotated})
+            meta["regions_class_order"] = sorted(local_values(annotated).values())
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
         (out_dir / folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return write_manifest(out_dir / "manifest.jsonl", cases)
