@@ -49,7 +49,8 @@ class SynthesisPlan:
     hu_scale: float  # normalised intensity units per HU of the cached CT images
 
 
-def synthesis_plan(cfg: dict | None, cases: list[CachedCase], vocabulary: Vocabulary, ct_window) -> SynthesisPlan | None:
+def synthesis_plan(cfg: dict | None, cases: list[CachedCase], vocabulary: Vocabulary,
+                   ct_window) -> SynthesisPlan | None:
     """The ``data.synthesis`` config section → a plan (None when disabled).  Without an explicit ``datasets`` list,
     every CT dataset that annotates the organ but not the target takes part."""
     if not cfg or not cfg.get("enabled", False):
@@ -180,16 +181,22 @@ class CropDataset(Dataset):
             return coords[int(rng.integers(len(coords)))], name
         return [int(rng.integers(n)) for n in cc.shape], None
 
-    def __getitem__(self, index: int) -> dict:
-        # Every step draws from one generator seeded by (seed, index), in this order: the sample is a pure function
-        # of its index.
+    def draw(self, index: int):
+        """Steps 1-3 and the read region of sample ``index``: (its generator, advanced past them, the dataset, the
+        case, the centre class or None, the region's start and size).  No voxel is read."""
         rng = np.random.default_rng([self.seed, int(index)])
         ds = self.dataset_names[int(rng.choice(len(self.dataset_names), p=self.dataset_probs))]
         cc = self.cases[self.by_dataset[ds][int(rng.integers(len(self.by_dataset[ds])))]]
         centre, centre_class = self._centre(cc, rng)
         lo, hi = self.zoom_range
         read = [max(4, int(round(s * rng.uniform(lo, hi)))) for s in self.crop_size]
-        image, label = cc.crop(_region(cc.shape, read, centre), read)
+        return rng, ds, cc, centre_class, _region(cc.shape, read, centre), read
+
+    def __getitem__(self, index: int) -> dict:
+        # Every step draws from one generator seeded by (seed, index), in this order: the sample is a pure function
+        # of its index.
+        rng, ds, cc, centre_class, starts, read = self.draw(index)
+        image, label = cc.crop(starts, read)
         image, label = _zoom(image, label, self.crop_size)
         spacing = tuple(float(sp) * r / c for sp, r, c in zip(cc.spacing, read, self.crop_size))  # after the zoom
 
@@ -272,5 +279,6 @@ def collate(samples: list[dict]) -> dict:
         annotated[i, :n] = s["annotated"]
         query_mask[i, :n] = True
     return {"image": torch.stack([s["image"] for s in samples]), "target": target, "annotated": annotated,
-            "query_mask": query_mask, "texts": [s["texts"] for s in samples], "classes": [s["classes"] for s in samples],
+            "query_mask": query_mask, "texts": [s["texts"] for s in samples],
+            "classes": [s["classes"] for s in samples],
             "dataset": [s["dataset"] for s in samples], "case_id": [s["case_id"] for s in samples]}

@@ -77,14 +77,21 @@ def compute_case(case: Case, spacing, settings: dict):
     if not np.all(np.isfinite(image16)):
         raise VlsegError(f"{case.image}: normalised intensities overflow float16 (max |value| "
                          f"{float(np.abs(image).max()):.4g})")
+    foreground, meta = entry_meta(case, relevant, image16, label, frame.spacing, scan.spacing)
+    return image16, label, foreground, meta
+
+
+def entry_meta(case: Case, relevant: dict, image16: np.ndarray, label: np.ndarray, spacing, native_spacing):
+    """(foreground coordinates, meta without key) of a case's cached arrays: ``image16`` and ``label`` on the cached
+    grid of ``spacing``; ``relevant`` is ``relevant_settings(case, planned spacing)``."""
     boxes, voxels, foreground = _class_stats(label, case.classes, case.case_id)
     meta = {"format": FORMAT_VERSION, "case_id": case.case_id, "dataset": case.dataset,
             "modality": relevant["modality"], "shape": [int(n) for n in image16.shape],
-            "spacing": [float(v) for v in frame.spacing], "native_spacing": [float(v) for v in scan.spacing],
+            "spacing": [float(v) for v in spacing], "native_spacing": [float(v) for v in native_spacing],
             "label_dtype": label.dtype.name, "image_min": float(image16.min()), "classes": relevant["classes"],
             "boxes": boxes, "voxels": voxels, "foreground": {name: f"c{i}" for i, name in enumerate(foreground)},
             "image": str(case.image), "label": str(case.label)}
-    return image16, label, foreground, meta
+    return foreground, meta
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -117,7 +124,7 @@ def _umask() -> int:
     return mask
 
 
-def _write_case(folder: Path, image16, label, foreground, meta: dict) -> None:
+def write_case(folder: Path, image16, label, foreground, meta: dict) -> None:
     """Write the entry into a temporary folder beside ``folder`` and rename it into place."""
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +167,7 @@ def _preprocess_job(args) -> dict:
         image16, label, foreground, meta = compute_case(case, spacing, settings)
         meta["key"] = key
         try:
-            _write_case(folder, image16, label, foreground, meta)
+            write_case(folder, image16, label, foreground, meta)
         except OSError as exc:
             raise VlsegError(f"{folder}: cannot write the cache entry ({exc.strerror or exc})") from None
         return {"case": case.case_id, "status": "written"}
