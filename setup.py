@@ -8,7 +8,8 @@ setup(
     # configs/ stays at the top of the checkout and is installed as vlseg.configs (package data, not a path).
     package_dir={"vlseg.configs": "configs"},
     package_data={"vlseg": ["vocab/*.yaml", "prepare/sample_maps/*.yaml"],
-                  "vlseg.configs": ["*.yaml", "*/*.yaml", "*/*.json", "*/*.sbatch"]},
+                  "vlseg.configs": ["*.yaml", "*/*.yaml", "*/*.json", "*/*.sbatch"],
+                  "data_prep": ["recipes/*.yaml"]},  # the dataset recipes (vlseg.prepare.recipes)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",

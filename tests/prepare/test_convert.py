@@ -143,12 +143,12 @@ def test_per_class_mask_folders(phantom_corpus, tmp_path):
             nib.save(nib.Nifti1Image(data, img.affine), seg / f"{stem}.nii.gz")
     mapping = _map(tmp_path, {"liver": "liver", "liver_tumor": "liver tumor", "spleen": "spleen"}, "TS")
     cases, errors = convert(src, mapping, tmp_path / "corpus" / "m.jsonl", val_fraction=0, progress=False)
-    assert [c.case_id for c in cases] == ["TS_good"]
-    assert len(errors) == 3
+    assert [c.case_id for c in cases] == ["TS_good", "TS_missing"]
+    assert len(errors) == 2
     assert any("overlap/segmentations/spleen.nii.gz: overlaps liver.nii.gz" in e for e in errors), errors
     assert any("nonbinary/segmentations/liver.nii.gz: not a binary mask" in e for e in errors), errors
-    assert any("liver_tumor.nii.gz: file not found" in e for e in errors), errors
-    good = read_manifest(tmp_path / "corpus" / "m.jsonl")[0]
+    good, missing = read_manifest(tmp_path / "corpus" / "m.jsonl")
+    assert missing.classes == {"liver": [1], "spleen": [3]}  # a mask the case lacks: that class is not annotated
     assert good.classes == {"liver": [1, 2], "liver tumor": [2], "spleen": [3]}
     assert good.label == (tmp_path / "corpus" / "labels" / "TS" / "good.nii.gz").resolve()
     merged = nib.load(good.label)
@@ -220,5 +220,6 @@ def test_a_registered_layout_is_recognised_or_named(phantom_corpus, tmp_path, cs
     assert len(convert(flat, named, tmp_path / "m.jsonl", progress=False)[0]) == 2
     with pytest.raises(VlsegError) as err:
         convert(flat, _map(tmp_path, {"hepar": "liver"}, "Flat", layout="nope"), tmp_path / "m.jsonl")
-    assert str(err.value) == (f"{tmp_path / 'Flat.yaml'}: unknown dataset layout 'nope'; available: mask_folders, "
-                              f"msd, nnunet, test-csv")
+    assert str(err.value) == (f"{tmp_path / 'Flat.yaml'}: unknown dataset layout 'nope'; available: "
+                              f"{', '.join(DATASET_LAYOUTS.names())}")
+    assert {"mask_folders", "msd", "nnunet", "pattern", "test-csv"} <= set(DATASET_LAYOUTS.names())

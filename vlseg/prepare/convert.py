@@ -17,6 +17,10 @@ canonical classes::
 its class; names it does not know are left unannotated and listed as ``unmapped`` in the report (formats whose files
 name their classes themselves, such as SAT-DS JSONL, are converted so).
 
+Public datasets have ready-made maps, recipes (``vlseg.prepare.recipes``, ``vlseg prepare --recipe AMOS22 --source
+DIR``).  Two more keys serve them: ``case_filter`` (a regular expression the source's case ids must match) and
+``channel: N`` (4D multi-channel images: channel N is written as a 3D image, ``vlseg.prepare.channels``).
+
 A map may start from another with ``labels_from: other.yaml`` (relative to it) and add or change labels; ``--dataset``
 and ``--split`` let one map serve several datasets (``--split test`` holds a whole dataset out).
 
@@ -35,6 +39,8 @@ Cases of the same dataset already in the manifest are replaced; other datasets' 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +50,7 @@ from vlseg.atomic import atomic_path
 from vlseg.config import load_yaml
 from vlseg.errors import VlsegError, split_error
 from vlseg.io.scan import canonical_modality, load_label, load_scan
+from vlseg.prepare.channels import channel_listing
 from vlseg.prepare.layouts.base import Listing, choose_layout
 from vlseg.prepare.manifest import SPLITS, Case, read_manifest, write_manifest
 from vlseg.transforms.boxes import class_boxes
@@ -144,7 +151,27 @@ def list_source(source: Path, spec: dict, mapping_path: Path, manifest: Path) ->
         if spec.get("layout") is None:
             raise
         raise VlsegError(f"{mapping_path}: {exc}") from None
-    return layout.list_cases(source, spec, manifest)
+    listing = select_cases(layout.list_cases(source, spec, manifest), spec, mapping_path)
+    if spec.get("channel") is not None:  # one channel of 4D images, written as 3D images beside the manifest
+        listing = channel_listing(listing, spec, manifest, str(mapping_path))
+    return listing
+
+
+def select_cases(listing: Listing, spec: dict, mapping_path: Path) -> Listing:
+    """Only the cases whose id (as the source names it) matches the map's ``case_filter`` regular expression, when
+    it has one (AMOS22: CT cases are amos_0001 … amos_0499, MR cases amos_0500 and up)."""
+    pattern = spec.get("case_filter")
+    if pattern is None:
+        return listing
+    try:
+        regex = re.compile(str(pattern))
+    except re.error as exc:
+        raise VlsegError(f"{mapping_path}: case_filter {pattern!r} is not a regular expression ({exc})") from None
+    kept = [case for case in listing.cases if regex.fullmatch(case[0])]
+    if not kept:
+        example = f" (e.g. {listing.cases[0][0]!r})" if listing.cases else ""
+        raise VlsegError(f"{mapping_path}: no case id matches case_filter {pattern!r}{example}")
+    return replace(listing, cases=kept)
 
 
 def check_cases(listing: Listing, spec: dict, classes: dict, modality: str, vocabulary: Vocabulary,
