@@ -36,7 +36,7 @@ def npy_format():
 
 
 def test_built_in_formats_are_found_by_suffix_and_kind(tmp_path):
-    assert {".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"} == set(scan_suffixes())
+    assert {".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".npz"} == set(scan_suffixes())
     assert scan_suffixes().index(".nii.gz") < scan_suffixes().index(".nii")  # longest first
     assert find_reader(tmp_path / "a.nii.gz").name == "nifti" and find_reader(tmp_path / "a.NRRD").name == "itk"
     assert find_reader(tmp_path / "a.img").name == "nifti"  # what no format claims is read as NIfTI...

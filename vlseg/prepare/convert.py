@@ -174,17 +174,29 @@ def select_cases(listing: Listing, spec: dict, mapping_path: Path) -> Listing:
     return replace(listing, cases=kept)
 
 
-def check_cases(listing: Listing, spec: dict, classes: dict, modality: str, vocabulary: Vocabulary,
-                progress: bool) -> tuple[list[Case], list[str], list[dict]]:
-    """Check (and, where the layout builds labels, build) every case → (cases, error lines, report entries)."""
+def check_cases(listing: Listing, spec: dict, classes: dict, modality: str | None, vocabulary: Vocabulary,
+                progress: bool, mapping: dict | None = None) -> tuple[list[Case], list[str], list[dict]]:
+    """Check (and, where the layout builds labels, build) every case → (cases, error lines, report entries).  A case
+    the layout gives its own modality or local labels (``Listing.modalities``, a third element from ``load``) is
+    described with them; ``mapping`` (local label → canonical class) then gives its classes."""
     declared = {v for values in listing.labels.values() for v in values}
     cases, errors, report = [], [], []
-    for case_id, image, label in tqdm(listing.cases, desc=f"converting {spec['dataset']}", disable=not progress):
-        case_id = f"{spec['dataset']}_{case_id}"
+    for source_id, image, label in tqdm(listing.cases, desc=f"converting {spec['dataset']}", disable=not progress):
+        case_id = f"{spec['dataset']}_{source_id}"
         try:
             loaded = listing.load(Path(image), Path(label), vocabulary) if listing.load else None
-            cases.append(check_case(case_id, image, label, classes, declared, str(spec["dataset"]), modality,
-                                    loaded))
+            case_classes, case_declared = classes, declared
+            if loaded is not None and len(loaded) == 3:
+                *loaded, local = loaded
+                own = {k: v for k, v in (mapping or {}).items() if str(k) in local}
+                case_classes = class_values(local, own, vocabulary, str(label))
+                case_declared = {v for values in local.values() for v in values}
+            case_modality = listing.modalities.get(source_id, modality)
+            if case_modality is None:
+                raise VlsegError(f"{image}: no modality (the map says 'modality: auto' and the source names none)")
+            cases.append(check_case(case_id, image, label, case_classes, case_declared, str(spec["dataset"]),
+                                    case_modality, loaded))
+            cases[-1].split = listing.splits.get(source_id, "train")
         except VlsegError as exc:
             errors.append(str(exc))
             # Errors read "<file>: <problem>"; the file may be the image, the label or one slice of a series.
@@ -212,22 +224,29 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     held-out dataset) instead of drawing a validation fraction."""
     source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
     spec = read_spec(mapping_path, dataset, split)
-    modality = canonical_modality(spec["modality"], where=str(mapping_path))
+    # ``modality: auto``: each case's modality comes from the source (SAT-DS lines, CVPR-BiomedSegFM folders).
+    auto_modality = str(spec["modality"]).strip().lower() == "auto"
+    modality = None if auto_modality else canonical_modality(spec["modality"], where=str(mapping_path))
     vocabulary = Vocabulary.load(spec.get("vocabulary", "default"))
     listing = list_source(source, spec, mapping_path, manifest)
+    if str(spec["dataset"]) == "auto":  # the dataset's own name, as the source gives it (SAT-DS JSONL)
+        if not listing.dataset:
+            raise VlsegError(f"{mapping_path}: 'dataset: auto' but {source} names no dataset; pass --dataset NAME")
+        spec["dataset"] = listing.dataset
     mapping, unmapped = spec["labels"], []
     if mapping == "auto":
         mapping, unmapped = auto_mapping(listing.labels, vocabulary)
     if not isinstance(mapping, dict):
         raise VlsegError(f"{mapping_path}: labels must be a mapping (local label → canonical class) or 'auto'")
     classes = class_values(listing.labels, mapping, vocabulary, str(mapping_path))
-    cases, errors, failed = check_cases(listing, spec, classes, modality, vocabulary, progress)
-    assign_splits(cases, split, val_fraction, seed)
+    cases, errors, failed = check_cases(listing, spec, classes, modality, vocabulary, progress, mapping=mapping)
+    if split is not None or not listing.splits:  # a dataset's own split (SAT-DS official_split) is kept
+        assign_splits(cases, split, val_fraction, seed)
     kept = [c for c in read_manifest(manifest) if c.dataset != spec["dataset"]] if manifest.is_file() else []
     if cases:
         write_manifest(manifest, kept + cases)
     report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [c.case_id for c in cases],
-              "unmapped": unmapped, "errors": failed}
+              "unmapped": unmapped, "errors": failed, **listing.report}
     manifest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(manifest.parent / f"convert_report_{spec['dataset']}.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +24,6 @@ from vlseg.errors import VlsegError
 from vlseg.registry import DATASET_LAYOUTS
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from vlseg.io.scan import Scan
     from vlseg.vocab.vocabulary import Vocabulary
 
 
@@ -37,8 +34,14 @@ class Listing:
     labels: dict[str, list[int]]  # local label name → the label values it covers
     cases: list[tuple[str, Path, Path]]  # (case id as the source names it, image, label)
     # Builds a case's label where the source holds none as such (masks merged into one map) and returns the scan
-    # and label read; None: image and label are read as they are.
-    load: Callable[[Path, Path, Vocabulary], tuple[Scan, np.ndarray]] | None = None
+    # and label read; None: image and label are read as they are.  A third element, when returned, is the case's
+    # own local labels (name → values), used for that case instead of ``labels`` (formats whose label values differ
+    # from case to case: SAT-DS JSONL lines, CVPR-BiomedSegFM .npz files of several datasets).
+    load: Callable[[Path, Path, Vocabulary], tuple] | None = None
+    modalities: dict[str, str] = field(default_factory=dict)  # case id → CT/MR where the source says per case
+    dataset: str | None = None  # the dataset's own name, used when the map says ``dataset: auto``
+    report: dict = field(default_factory=dict)  # what the layout read besides cases, added to the convert report
+    splits: dict[str, str] = field(default_factory=dict)  # case id → split the dataset itself assigns
 
 
 @dataclass(frozen=True)
