@@ -6,13 +6,26 @@ import io
 import json
 import tarfile
 import zipfile
+from importlib import resources
 
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from vlseg.errors import VlsegError
-from vlseg.prepare.samples import brain_labels, extract, totalsegmentator_class_map, write_dataset
+from vlseg.prepare.samples import (
+    MEMBERS,
+    PACKAGES,
+    SPINE_CT,
+    SPINE_MR,
+    SPINE_MR_SUBREGIONS,
+    brain_labels,
+    extract,
+    relabelled,
+    totalsegmentator_class_map,
+    write_dataset,
+)
 
 
 def _tar(path, members: dict[str, bytes]):
@@ -84,3 +97,41 @@ def test_write_dataset_lays_out_an_nnunet_raw_folder(tmp_path):
     assert meta["labels"] == {"background": 0, "liver": 1} and meta["channel_names"] == {"0": "CT"}
     assert (folder / "imagesTr/A_0000.nii.gz").is_file() and (folder / "labelsTr/A.nii.gz").is_file()
     assert img.is_file() and lab.is_file()  # sources are copied, never moved
+
+
+def test_relabelled_renumbers_masks_onto_the_image(tmp_path):
+    """tptbox-style masks → consecutive values: endplates join their vertebra, a later layer fills only background,
+    values nobody asked for are dropped, and a mask on another grid is refused."""
+    affine = np.array([[0, 0, 1.5, -55.7], [-1.5, 0, 0, 116.7], [0, -1.5, 0, 152.1], [0, 0, 0, 1]])  # P, I, R
+    image = tmp_path / "t2.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 3), np.uint16), affine), image)
+    vert = np.zeros((5, 4, 3), np.uint8)
+    vert[0], vert[1, 0], vert[2] = 5, 205, 105  # vertebra C5, its endplate, the disc below it
+    sub = np.zeros((5, 4, 3), np.uint8)
+    sub[0], sub[3], sub[4] = 41, 60, 61  # an arch (inside the vertebra: already labelled), cord, canal
+    sub[2, 0, 0] = 61  # canal claimed on a disc voxel: the disc keeps it
+    nib.save(nib.Nifti1Image(vert, affine), tmp_path / "vert.nii.gz")
+    nib.save(nib.Nifti1Image(sub, affine), tmp_path / "sub.nii.gz")
+    labels = {"vertebra_C5": 1, "disc_C5_C6": 2, "spinal_cord": 3, "spinal_canal": 4}
+    layers = [(tmp_path / "vert.nii.gz", {"vertebra_C5": {5, 205}, "disc_C5_C6": {105}}),
+              (tmp_path / "sub.nii.gz", {"spinal_cord": {60}, "spinal_canal": {61}})]
+    label, scan = relabelled(image, layers, labels)
+    original = scan.to_original(label)
+    assert (original[0] == 1).all() and (original[1, 0] == 1).all() and (original[1, 1:] == 0).all()
+    assert (original[2] == 2).all() and (original[3] == 3).all() and (original[4] == 4).all()
+    nib.save(nib.Nifti1Image(vert, affine @ np.diag([2.0, 1, 1, 1])), tmp_path / "other.nii.gz")
+    with pytest.raises(VlsegError, match="other.nii.gz"):
+        relabelled(image, [(tmp_path / "other.nii.gz", {"vertebra_C5": {5}})], labels)
+
+
+def test_new_sources_are_listed_and_their_maps_match_the_builder():
+    assert PACKAGES["tptbox"][0] == "tptbox==1.1.0" and len(MEMBERS["tptbox"]) == 5
+    assert {f"pyradiomics-3.0.1/data/{c}_{k}.nrrd" for c in ("brain1", "brain2", "breast1")
+            for k in ("image", "label")} <= set(MEMBERS["pyradiomics"])
+    maps = resources.files("vlseg.prepare").joinpath("sample_maps")
+    ct = yaml.safe_load(maps.joinpath("tptbox_spine_ct.yaml").read_text())
+    mr = yaml.safe_load(maps.joinpath("tptbox_spine_mr.yaml").read_text())
+    assert list(ct["labels"]) == list(SPINE_CT) and list(mr["labels"]) == [*SPINE_MR, *SPINE_MR_SUBREGIONS]
+    assert ct["labels"]["vertebra_L2"] == "vertebra L2" and mr["labels"]["disc_C5_C6"] == "intervertebral disc C5-C6"
+    for name, target in (("brain_tumor.yaml", "brain tumor"), ("breast_tumor.yaml", "breast tumor")):
+        assert list(yaml.safe_load(maps.joinpath(name).read_text())["labels"].values()) == [target]
