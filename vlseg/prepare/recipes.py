@@ -31,7 +31,7 @@ def recipe_folder() -> Path:
 
 def recipe_paths() -> dict[str, Path]:
     """Lower-case recipe name → its YAML file."""
-    return {p.stem.lower(): p for p in sorted(recipe_folder().glob("*.yaml"))}
+    return {p.stem.lower(): p for p in sorted(recipe_folder().glob("*.yaml"), key=lambda p: p.stem.lower())}
 
 
 def find_recipe(name: str) -> Path:
