@@ -202,6 +202,9 @@ def test_unknown_recipe_is_one_line_naming_close_matches(capsys):
     assert prepare_main(["--recipe", "BTVC", "--source", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown recipe 'BTVC'") and "BTCV" in err and "\n" not in err
+    with pytest.raises(SystemExit):  # --recipe and --map exclude each other
+        prepare_main(["convert", "--recipe", "BTCV", "--map", "m.yaml", "--source", "x"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_recipes_are_listed(capsys):
