@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,8 @@ class Case:
         if name not in self.classes:
             raise VlsegError(f"{self.label}: dataset {self.dataset} does not annotate {name!r} "
                              f"(annotated: {', '.join(self.classes) or 'nothing'})")
-        return np.isin(label, self.classes[name])
+        values = self.classes[name]
+        return label == values[0] if len(values) == 1 else np.isin(label, values)
 
     def to_json(self, root: Path) -> dict:
         """The manifest row, with image/label paths relative to ``root`` (the manifest's folder)."""
@@ -152,7 +154,7 @@ def _check_geometry(row: dict, where: str, schema: int) -> None:
         raise VlsegError(f"{where}: 'affine' must be a 4x4 list of numbers")
 
 
-def _parse(line: str, where: str, root: Path) -> Case:
+def _parse(line: str, where: str, root: str) -> Case:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -164,12 +166,14 @@ def _parse(line: str, where: str, root: Path) -> Case:
     _check_geometry(row, where, schema)
     classes, present, shape, spacing = row["classes"], row["present"], row["shape"], row["spacing"]
     boxes, affine = row.get("boxes") or {}, row.get("affine")
-    return Case(case_id=row["case_id"], dataset=row["dataset"], modality=row["modality"],
-                image=Path(os.path.normpath(root / row["image"])), label=Path(os.path.normpath(root / row["label"])),
-                classes={str(k): list(v) for k, v in classes.items()},
-                present={str(k): bool(v) for k, v in present.items()},
-                shape=tuple(shape), spacing=tuple(float(s) for s in spacing), split=row["split"],
-                boxes={str(k): list(v) for k, v in boxes.items()}, affine=affine)
+    name = sys.intern  # class and dataset names repeat on every line: one copy each in memory, however many cases
+    return Case(case_id=row["case_id"], dataset=name(row["dataset"]), modality=name(row["modality"]),
+                image=Path(os.path.normpath(os.path.join(root, row["image"]))),
+                label=Path(os.path.normpath(os.path.join(root, row["label"]))),
+                classes={name(k): list(v) for k, v in classes.items()},
+                present={name(k): bool(v) for k, v in present.items()},
+                shape=tuple(shape), spacing=tuple(float(s) for s in spacing), split=name(row["split"]),
+                boxes={name(k): list(v) for k, v in boxes.items()}, affine=affine)
 
 
 def read_manifest(path, split: str | None = None, datasets: list[str] | None = None) -> list[Case]:
@@ -193,7 +197,7 @@ def read_manifest(path, split: str | None = None, datasets: list[str] | None = N
     except OSError as exc:
         raise VlsegError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
 
-    root = path.resolve().parent
+    root = str(path.resolve().parent)
     cases, seen = [], {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

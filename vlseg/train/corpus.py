@@ -61,5 +61,6 @@ def training_corpus(cfg: dict, data: DataSection, start: RunStart, accelerator,
             save_config(cfg, start.run_dir / "config.yaml")
     else:
         vocabulary = Vocabulary.from_dict(start.meta["vocabulary"])
-    kept = [cc for cc in cases if any(n in vocabulary.names for n in cc.case.classes)]
+    names = set(vocabulary.names)
+    kept = [cc for cc in cases if any(n in names for n in cc.case.classes)]
     return kept or cases, vocabulary

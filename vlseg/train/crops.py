@@ -119,6 +119,7 @@ class CropDataset(Dataset):
         if not cases:
             raise VlsegError("no training cases")
         self.cases, self.vocabulary = cases, vocabulary
+        self._order = {n: i for i, n in enumerate(vocabulary.names)}
         self.crop_size = [int(s) for s in crop_size]
         self.seed, self.foreground_prob, self.max_queries = seed, foreground_prob, max_queries
         self.synonyms, self.query_unannotated, self.length = synonyms, query_unannotated, length
@@ -154,9 +155,15 @@ class CropDataset(Dataset):
 
     # ------------------------------------------------------------------------------------------------ pieces
 
+    def _in_vocabulary_order(self, names) -> list[str]:
+        """The vocabulary's classes among ``names``, in the vocabulary's order (cost: the case's classes, not the
+        vocabulary's)."""
+        order = self._order
+        return sorted((n for n in names if n in order), key=order.__getitem__)
+
     def annotated(self, cc: CachedCase) -> list[str]:
         """Classes supervised for this case: its dataset's, plus the synthesised target where synthesis applies."""
-        names = [n for n in self.vocabulary.names if n in cc.case.classes]
+        names = self._in_vocabulary_order(cc.case.classes)
         if self._synthesises(cc) and self.synthesis.target in self.vocabulary.names:
             names.append(self.synthesis.target)
         return names
@@ -167,7 +174,7 @@ class CropDataset(Dataset):
 
     def centre_classes(self, cc: CachedCase) -> tuple[list[str], np.ndarray]:
         """Classes a foreground crop of this case can be centred on, with their probabilities."""
-        names = [n for n in self.vocabulary.names if n in cc.foreground]
+        names = self._in_vocabulary_order(cc.foreground)
         if self._synthesises(cc):
             names.append(self.synthesis.target)  # centred on an organ voxel, where a lesion is then placed
         weights = np.array([self.class_factors.get(n, 1.0) for n in names], dtype=float)

@@ -109,13 +109,21 @@ def read_meta(folder: Path) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _array_header(path: Path):
-    """(shape, dtype) of an .npy file, mapped but not read; None when missing or unreadable."""
+def array_header(path: Path):
+    """(shape, dtype) of an .npy file from its header; None when missing, unreadable, or shorter than its header says
+    (the cases in which mapping it would fail).  Only the header is read: no memory map is made."""
+    fmt = np.lib.format
     try:
-        arr = np.load(path, mmap_mode="r")
+        with open(path, "rb") as f:
+            version = fmt.read_magic(f)
+            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = reader(f)
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
     except (OSError, ValueError):
         return None
-    return tuple(int(n) for n in arr.shape), arr.dtype
+    if dtype.hasobject or size < offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        return None
+    return tuple(int(n) for n in shape), dtype
 
 
 def entry_complete(folder: Path, meta: dict) -> bool:
@@ -125,8 +133,8 @@ def entry_complete(folder: Path, meta: dict) -> bool:
         label_dtype = np.dtype(meta["label_dtype"])
     except (KeyError, TypeError, ValueError):
         return False
-    return (_array_header(folder / "image.npy") == (shape, np.dtype(np.float16))
-            and _array_header(folder / "label.npy") == (shape, label_dtype)
+    return (array_header(folder / "image.npy") == (shape, np.dtype(np.float16))
+            and array_header(folder / "label.npy") == (shape, label_dtype)
             and (folder / "foreground.npz").is_file())
 
 

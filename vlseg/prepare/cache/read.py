@@ -2,33 +2,92 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from vlseg.errors import VlsegError
-from vlseg.prepare.cache.keys import RERUN, cache_jobs, case_key, entry_current, error_line, read_meta
+from vlseg.prepare.cache.keys import (
+    RERUN,
+    array_header,
+    cache_jobs,
+    case_key,
+    entry_current,
+    error_line,
+    read_meta,
+)
 from vlseg.prepare.manifest import Case
 
 
-@dataclass
+class Foreground(Mapping):
+    """Per present class, its voxel coordinates ``[N, 3]``, read from the entry's ``foreground.npz`` when asked for:
+    an opened corpus holds the class names only, not every case's coordinates (up to 20 000 per class)."""
+
+    def __init__(self, path: Path, members: dict[str, str]):
+        self.path, self.members = Path(path), members
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        member = self.members[name]  # KeyError for a class the case does not contain, as a dict
+        try:
+            with np.load(self.path) as fg:
+                return fg[member]
+        except (OSError, ValueError, KeyError) as exc:
+            raise VlsegError(f"{self.path.parent}: unreadable cache entry ({error_line(exc)}); delete this folder "
+                             f"and {RERUN}") from None
+
+    def __iter__(self):
+        return iter(self.members)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __contains__(self, name) -> bool:
+        return name in self.members
+
+
 class CachedCase:
-    """One case opened from the cache: the arrays are memory maps, so a crop reads only its region's pages."""
+    """One case opened from the cache: its arrays are memory-mapped when read, so a crop reads only its region's pages.
 
-    case: Case
-    image: np.ndarray = field(repr=False)  # float16 [X, Y, Z] memmap
-    label: np.ndarray = field(repr=False)  # uint8 / uint16 [X, Y, Z] memmap
-    spacing: tuple[float, float, float]
-    boxes: dict[str, list[int]]  # present class → [x0, y0, z0, x1, y1, z1] on the cached grid, end exclusive
-    foreground: dict[str, np.ndarray] = field(repr=False)  # present class → voxel coordinates [N, 3]
-    shape: tuple[int, int, int] = ()
-    voxels: dict[str, int] = field(default_factory=dict)  # present class → voxel count
-    fill: float = -1.0  # the image's minimum: padding outside the volume
+    An opened corpus holds no open file per case (a mapping keeps its file open, and a process may hold only so many:
+    a SAT-sized corpus has 44 000 arrays): ``image`` and ``label`` map the entry's arrays afresh at each access, and
+    the mapping closes when dropped.  Built with arrays (``folder`` None), the case holds them."""
 
-    def __post_init__(self):
-        if not self.shape:
-            self.shape = tuple(int(n) for n in self.image.shape)
+    def __init__(self, case: Case, image: np.ndarray | None, label: np.ndarray | None, spacing, boxes: dict,
+                 foreground, shape=(), voxels: dict | None = None, fill: float = -1.0, folder: Path | None = None,
+                 label_dtype=None):
+        self.case, self._image, self._label, self.folder = case, image, label, folder
+        self.spacing = spacing
+        self.boxes = boxes  # present class → [x0, y0, z0, x1, y1, z1] on the cached grid, end exclusive
+        self.foreground = foreground  # present class → voxel coordinates [N, 3]
+        self.shape = tuple(shape) if shape else tuple(int(n) for n in self.image.shape)
+        self.voxels = voxels if voxels is not None else {}  # present class → voxel count
+        self.fill = fill  # the image's minimum: padding outside the volume
+        self.label_dtype = np.dtype(label_dtype) if label_dtype is not None else self.label.dtype
+
+    def _array(self, held, name: str) -> np.ndarray:
+        if held is not None:
+            return held
+        try:
+            return np.load(self.folder / name, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise VlsegError(f"{self.folder}: unreadable cache entry ({error_line(exc)}); delete this folder and "
+                             f"{RERUN}") from None
+
+    @property
+    def image(self) -> np.ndarray:
+        """float16 [X, Y, Z] (a memory map of a cache entry)."""
+        return self._array(self._image, "image.npy")
+
+    @property
+    def label(self) -> np.ndarray:
+        """uint8 / uint16 [X, Y, Z] (a memory map of a cache entry)."""
+        return self._array(self._label, "label.npy")
+
+    def __repr__(self) -> str:
+        return (f"CachedCase(case={self.case.case_id!r}, shape={self.shape}, spacing={self.spacing}, "
+                f"folder={str(self.folder) if self.folder else None!r})")
 
     def crop(self, starts, size) -> tuple[np.ndarray, np.ndarray]:
         """The region ``[starts, starts + size)`` as (float32 image, label), read from the memory maps; where it
@@ -38,7 +97,7 @@ class CachedCase:
         if len(size) != 3 or len(starts) != 3 or min(size) < 1:
             raise VlsegError(f"crop: need 3 starts and 3 positive sizes, got starts {list(starts)}, size {list(size)}")
         image = np.full(size, self.fill, dtype=np.float32)
-        label = np.zeros(size, dtype=self.label.dtype)
+        label = np.zeros(size, dtype=self.label_dtype)
         src, dst = [], []
         for st, n, total in zip(starts, size, self.shape):
             lo, hi = max(st, 0), min(st + n, total)
@@ -46,7 +105,7 @@ class CachedCase:
                 return image, label  # entirely outside
             src.append(slice(lo, hi))
             dst.append(slice(lo - st, hi - st))
-        image[tuple(dst)] = self.image[tuple(src)]
+        image[tuple(dst)] = self.image[tuple(src)]  # each access maps the array, reads the region, drops the map
         label[tuple(dst)] = self.label[tuple(src)]
         return image, label
 
@@ -57,23 +116,30 @@ class CachedCase:
 
 def _open_entry(case: Case, folder: Path, meta: dict) -> CachedCase:
     try:
-        image = np.load(folder / "image.npy", mmap_mode="r")
-        label = np.load(folder / "label.npy", mmap_mode="r")
+        image, label = array_header(folder / "image.npy"), array_header(folder / "label.npy")
         with np.load(folder / "foreground.npz") as fg:
-            foreground = {name: fg[key] for name, key in meta["foreground"].items()}
+            members = {sys.intern(str(name)): str(key) for name, key in meta["foreground"].items()}
+            missing = [key for key in members.values() if key not in fg.files]
+            if missing:
+                raise KeyError(f"{missing[0]} is not a file in the archive")
+        foreground = Foreground(folder / "foreground.npz", members)
         shape = tuple(int(n) for n in meta["shape"])
         spacing = tuple(float(v) for v in meta["spacing"])
-        boxes = {str(k): [int(v) for v in b] for k, b in meta["boxes"].items()}
-        voxels = {str(k): int(v) for k, v in meta.get("voxels", {}).items()}
+        boxes = {sys.intern(str(k)): [int(v) for v in b] for k, b in meta["boxes"].items()}
+        voxels = {sys.intern(str(k)): int(v) for k, v in meta.get("voxels", {}).items()}
         fill = float(meta["image_min"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VlsegError(f"{folder}: unreadable cache entry ({error_line(exc)}); delete this folder and "
                          f"{RERUN}") from None
-    if image.shape != shape or label.shape != shape or image.dtype != np.float16:
-        raise VlsegError(f"{folder}: cached arrays ({image.dtype} {list(image.shape)}, {label.dtype} "
-                         f"{list(label.shape)}) do not match the recorded float16 {list(shape)}; {RERUN}")
-    return CachedCase(case=case, image=image, label=label, spacing=spacing, boxes=boxes, foreground=foreground,
-                      shape=shape, voxels=voxels, fill=fill)
+    if image is None or label is None:
+        raise VlsegError(f"{folder}: unreadable cache entry (an array is missing, truncated or not an .npy file); "
+                         f"delete this folder and {RERUN}")
+    (image_shape, image_dtype), (label_shape, label_dtype) = image, label
+    if image_shape != shape or label_shape != shape or image_dtype != np.float16:
+        raise VlsegError(f"{folder}: cached arrays ({image_dtype} {list(image_shape)}, {label_dtype} "
+                         f"{list(label_shape)}) do not match the recorded float16 {list(shape)}; {RERUN}")
+    return CachedCase(case=case, image=None, label=None, spacing=spacing, boxes=boxes, foreground=foreground,
+                      shape=shape, voxels=voxels, fill=fill, folder=folder, label_dtype=label_dtype)
 
 
 def open_cache(cases: list[Case], cache_dir, settings: dict) -> list[CachedCase]:
