@@ -2,7 +2,7 @@
 
 from vlseg import _torchvision_compat
 
-_torchvision_compat.apply()
+_torchvision_compat.defer()  # applied when torchvision is first imported
 
 from vlseg.errors import VlsegError  # noqa: E402
 

@@ -11,6 +11,7 @@ them.  When the library loads (GPU installs, matching CPU builds) nothing is tou
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
@@ -23,6 +24,22 @@ def _torchvision_extension(spec) -> Path | None:
         for candidate in sorted(Path(location).glob("_C*.so")) + sorted(Path(location).glob("_C*.pyd")):
             return candidate
     return None
+
+
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Runs ``apply`` the first time torchvision is looked up, so that ``import vlseg`` does not load torch."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == "torchvision":
+            sys.meta_path.remove(self)
+            apply()
+        return None  # the ordinary finders locate the module
+
+
+def defer() -> None:
+    """``apply`` just before torchvision is first imported (``import vlseg`` stays light: no torch)."""
+    if "torchvision" not in sys.modules and not any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeTorchvision())
 
 
 def apply() -> bool:
