@@ -3,19 +3,22 @@
     python benchmarks/sat_scale.py [--out DIR] [--cases 22186 --datasets 72 --classes 497] [--small 100]
                                    [--workers 2] [--skip-preprocess]
 
-Both corpora come from one generator: a vocabulary YAML of ``--classes`` synthetic classes, a schema-2 manifest
-(heavy-tailed case counts per dataset, 1–117 annotated classes per dataset, CT 512×512×50–1000 and MR shapes and
-spacings, affines, boxes per present class), empty placeholder source files (the cache key stats them) and a
-preprocessing cache whose entries are 16³ stand-in arrays written by the cache's own writer
-(``vlseg.prepare.cache.build.entry_meta`` / ``write_case``) under the real keys, so training reads them as real entries.
+Both corpora come from one generator (the small one is a uniform draw of ``--small`` of the large one's cases, so
+the two differ in size, not in their mix of datasets and classes per case): a vocabulary YAML of ``--classes``
+synthetic classes, a schema-2 manifest (heavy-tailed case counts per dataset, 1–117 annotated classes per dataset,
+CT 512×512×50–1000 and MR shapes and spacings, affines, boxes per present class), empty placeholder source files
+(the cache key stats them) and a preprocessing cache whose entries are 16³ stand-in arrays written by the cache's
+own writer (``vlseg.prepare.cache.build.entry_meta`` / ``write_case``) under the real keys, so training reads them
+as real entries.
 
 Figures, each for both corpora and their ratio:
 
 1. manifest load (``read_manifest``, what training calls): seconds, and the memory the case list holds (tracemalloc);
    beside it the whole corpus load training does (``load_training_cases``: manifest, cache up-to-date check, opening
    every entry);
-2. sampler cost per sample: the draw of ``CropDataset`` (dataset with temperature, case, centre class, crop box; no
-   voxel read), and a whole ``CropDataset[i]`` (crop read from the 16³ stand-ins, masks, queries);
+2. sampler cost per sample: the draw of ``CropDataset`` (dataset with temperature, case, centre class, the centre
+   voxel read from the entry's foreground archive, crop box; no image voxel read), and a whole ``CropDataset[i]``
+   (crop read from the 16³ stand-ins, masks, queries);
 3. cache index memory per data-loader worker: the bytes the DataLoader pickles for a spawn/forkserver worker, and
    the resident-memory growth of a spawned process that unpickles them (a forked worker shares the parent's pages
    until it touches them: that is the heap figure of 1.);
