@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from vlseg.errors import VlsegError
+from vlseg.prepare.pip_files import extract
 from vlseg.prepare.samples import (
     MEMBERS,
     PACKAGES,
@@ -21,7 +22,6 @@ from vlseg.prepare.samples import (
     SPINE_MR,
     SPINE_MR_SUBREGIONS,
     brain_labels,
-    extract,
     relabelled,
     totalsegmentator_class_map,
     write_dataset,

