@@ -277,3 +277,24 @@ def test_pattern_layout_errors(tmp_path):
     save(source / "b" / "b_ct.nii.gz", image_volume())
     cases, errors = convert(source, mapping, tmp_path / "m.jsonl", val_fraction=0, progress=False)
     assert [c.case_id for c in cases] == ["P_a", "P_b"] and not errors
+
+
+def test_map_keys_are_replaced_from_the_command_line(tmp_path, capsys):
+    """``image=...`` after the options swaps the BraTS sequence a recipe reads, without a copy of the recipe; a word
+    that is not key=value is one error line."""
+    spec = load_recipe("BraTS2021")
+    source = write_standin(spec, tmp_path / "data", ["BraTS2021_00000"])
+    for case_dir in source.iterdir():  # a FLAIR beside the t1ce the recipe reads, with other voxels
+        flair = case_dir / f"{case_dir.name}_flair.nii.gz"
+        nib.save(nib.Nifti1Image(image_volume() + 5000, np.eye(4)), flair)
+    manifest = tmp_path / "corpus" / "manifest.jsonl"
+    args = ["--recipe", "BraTS2021", "--source", str(source), "--manifest", str(manifest), "--val-fraction", "0"]
+    assert prepare_main([*args, "image={case}/{case}_flair.nii.gz"]) == 0, capsys.readouterr().err
+    (case,) = read_manifest(manifest)
+    assert case.image.name == "BraTS2021_00000_flair.nii.gz"
+    assert prepare_main(args) == 0
+    (case,) = read_manifest(manifest)
+    assert case.image.name != "BraTS2021_00000_flair.nii.gz"
+    capsys.readouterr()
+    assert prepare_main([*args, "image"]) == 2
+    assert "expected key=value" in capsys.readouterr().err

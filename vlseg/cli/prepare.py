@@ -46,15 +46,18 @@ def convert_main(argv=None, prog: str = "vlseg prepare convert") -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", help="dataset name (default: the map's `dataset`)")
     parser.add_argument("--split", choices=SPLITS, help="put every case in this split (e.g. test for held-out data)")
+    parser.add_argument("settings", nargs="*", metavar="key=value",
+                        help="map keys to replace, e.g. root=/data/SAT-DS or image='{case}/{case}_flair.nii.gz'")
     args = parser.parse_args(argv)
     from vlseg.prepare.convert import convert, read_spec
     from vlseg.prepare.recipes import find_recipe
 
     try:
+        settings = map_settings(args.settings)
         map_path = find_recipe(args.recipe) if args.recipe else Path(args.map)
-        spec = read_spec(map_path, args.dataset, args.split)
+        spec = read_spec(map_path, args.dataset, args.split, settings)
         cases, errors = convert(args.source, map_path, args.manifest, args.val_fraction, args.seed,
-                                dataset=args.dataset, split=args.split)
+                                dataset=args.dataset, split=args.split, settings=settings)
     except VlsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,6 +66,22 @@ def convert_main(argv=None, prog: str = "vlseg prepare convert") -> int:
     warn_unmapped(Path(args.manifest), spec)
     print(f"{len(cases)} cases written to {args.manifest}, {len(errors)} failed")
     return 1 if errors else 0
+
+
+def map_settings(items: list[str]) -> dict:
+    """``key=value`` words → map keys; values are read as YAML (``channel=2`` is a number, ``root=/x`` text)."""
+    import yaml
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VlsegError(f"{item!r}: expected key=value (a map key to replace, e.g. root=/data/SAT-DS)")
+        try:
+            settings[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            settings[key.strip()] = value
+    return settings
 
 
 def warn_unmapped(manifest: Path, spec: dict) -> None:

@@ -129,9 +129,10 @@ def load_map(path: Path, seen: tuple = ()) -> dict:
     return spec
 
 
-def read_spec(mapping_path: Path, dataset: str | None, split: str | None) -> dict:
-    """The map, with ``dataset`` overriding its dataset name, checked for the keys every conversion needs."""
-    spec = load_map(mapping_path)
+def read_spec(mapping_path: Path, dataset: str | None, split: str | None, settings: dict | None = None) -> dict:
+    """The map, with ``settings`` (key → value, e.g. ``root`` or ``image`` from the command line) replacing its keys
+    and ``dataset`` overriding its dataset name, checked for the keys every conversion needs."""
+    spec = {**load_map(mapping_path), **(settings or {})}
     if dataset:
         spec["dataset"] = dataset
     if split is not None and split not in SPLITS:
@@ -218,12 +219,13 @@ def assign_splits(cases: list[Case], split: str | None, val_fraction: float, see
 
 
 def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
-            dataset: str | None = None, split: str | None = None):
+            dataset: str | None = None, split: str | None = None, settings: dict | None = None):
     """Returns (cases written, [per-case error lines]).  ``dataset`` overrides the map's dataset name (one map can
     serve several datasets labelled the same way); ``split`` puts every case in that split (e.g. ``test`` for a
-    held-out dataset) instead of drawing a validation fraction."""
+    held-out dataset) instead of drawing a validation fraction; ``settings`` replace map keys (``root``, ``image``,
+    ``prompts`` ...) without a copy of the map."""
     source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
-    spec = read_spec(mapping_path, dataset, split)
+    spec = read_spec(mapping_path, dataset, split, settings)
     # ``modality: auto``: each case's modality comes from the source (SAT-DS lines, CVPR-BiomedSegFM folders).
     auto_modality = str(spec["modality"]).strip().lower() == "auto"
     modality = None if auto_modality else canonical_modality(spec["modality"], where=str(mapping_path))
