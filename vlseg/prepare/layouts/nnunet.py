@@ -3,7 +3,8 @@ values), images ``imagesTr/<case>_0000<file_ending>``, labels ``labelsTr/<case><
 
 An image may also be a DICOM series: a folder ``imagesTr/<case>_0000/`` holding the slice files of one series (any
 names: ``CT.1.3.12...``, ``IM0001``, ``*.dcm``), next to ``labelsTr/<case><file_ending>``; series folders and image
-files may be mixed in one dataset::
+files may be mixed in one dataset.  This is vlseg's extension, read but never written: nnU-Net itself does not accept
+it, and every dataset vlseg writes passes nnU-Net's ``verify_dataset_integrity``::
 
     Dataset010_Abdomen/
         dataset.json          {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1},
