@@ -177,33 +177,42 @@ def select_cases(listing: Listing, spec: dict, mapping_path: Path) -> Listing:
 
 def check_cases(listing: Listing, spec: dict, classes: dict, modality: str | None, vocabulary: Vocabulary,
                 progress: bool, mapping: dict | None = None) -> tuple[list[Case], list[str], list[dict]]:
-    """Check (and, where the layout builds labels, build) every case → (cases, error lines, report entries).  A case
-    the layout gives its own modality or local labels (``Listing.modalities``, a third element from ``load``) is
-    described with them; ``mapping`` (local label → canonical class) then gives its classes."""
+    """Check (and, where the layout builds labels, build) every case → (cases, error lines, report entries)."""
     declared = {v for values in listing.labels.values() for v in values}
     cases, errors, report = [], [], []
     for source_id, image, label in tqdm(listing.cases, desc=f"converting {spec['dataset']}", disable=not progress):
         case_id = f"{spec['dataset']}_{source_id}"
         try:
-            loaded = listing.load(Path(image), Path(label), vocabulary) if listing.load else None
-            case_classes, case_declared = classes, declared
-            if loaded is not None and len(loaded) == 3:
-                *loaded, local = loaded
-                own = {k: v for k, v in (mapping or {}).items() if str(k) in local}
-                case_classes = class_values(local, own, vocabulary, str(label))
-                case_declared = {v for values in local.values() for v in values}
-            case_modality = listing.modalities.get(source_id, modality)
-            if case_modality is None:
-                raise VlsegError(f"{image}: no modality (the map says 'modality: auto' and the source names none)")
-            cases.append(check_case(case_id, image, label, case_classes, case_declared, str(spec["dataset"]),
-                                    case_modality, loaded))
-            cases[-1].split = listing.splits.get(source_id, "train")
+            cases.append(convert_case(listing, (source_id, Path(image), Path(label)), case_id, str(spec["dataset"]),
+                                      (classes, declared), modality, vocabulary, mapping))
         except VlsegError as exc:
             errors.append(str(exc))
             # Errors read "<file>: <problem>"; the file may be the image, the label or one slice of a series.
             file, problem = split_error(exc, image)
             report.append({"case": case_id, "file": file, "problem": problem})
     return cases, errors, report
+
+
+def convert_case(listing: Listing, entry: tuple[str, Path, Path], case_id: str, dataset: str, known: tuple,
+                 modality: str | None, vocabulary: Vocabulary, mapping: dict | None) -> Case:
+    """One listed case (``entry``: id as the source names it, image, label) → its manifest row.  ``known``: the
+    dataset's (classes, declared label values).  A case the layout gives its own modality or local labels
+    (``Listing.modalities``, a third element from ``load``) is described with them; ``mapping`` (local label →
+    canonical class) then gives its classes."""
+    source_id, image, label = entry
+    classes, declared = known
+    loaded = listing.load(image, label, vocabulary) if listing.load else None
+    if loaded is not None and len(loaded) == 3:
+        *loaded, local = loaded
+        own = {k: v for k, v in (mapping or {}).items() if str(k) in local}
+        classes = class_values(local, own, vocabulary, str(label))
+        declared = {v for values in local.values() for v in values}
+    case_modality = listing.modalities.get(source_id, modality)
+    if case_modality is None:
+        raise VlsegError(f"{image}: no modality (the map says 'modality: auto' and the source names none)")
+    case = check_case(case_id, image, label, classes, declared, dataset, case_modality, loaded)
+    case.split = listing.splits.get(source_id, "train")
+    return case
 
 
 def assign_splits(cases: list[Case], split: str | None, val_fraction: float, seed: int) -> None:
