@@ -252,3 +252,23 @@ def test_save_segs_in_the_challenge_format(tmp_path):
         assert list(npz.files) == ["segs"] and npz["segs"].dtype == np.uint8 and npz["segs"][1, 2, 3] == 2
     with pytest.raises(VlsegError, match="non-negative prompt ids"):
         save_segs(tmp_path / "bad.npz", segs - 1)
+
+
+def test_cvpr_recipe_from_the_command_line(tmp_path, capsys):
+    """``vlseg prepare --recipe CVPR-BiomedSegFM``: the prompt JSON named on the command line, a progress bar on
+    stderr, one error line per bad case (the PET volume; the file whose spacing tells no order) and exit status 1."""
+    from vlseg.cli.prepare import main as prepare_main
+
+    root = tmp_path / "CVPR-BiomedSegFM"
+    _cvpr_tree(root)
+    prompts = tmp_path / "elsewhere" / "prompts.json"
+    prompts.parent.mkdir()
+    (root / "CVPR25_TextSegFMData_with_class.json").rename(prompts)
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    code = prepare_main(["--recipe", "cvpr-biomedsegfm", "--source", str(root / "3D_train_npz_all"),
+                         "--manifest", str(manifest), f"prompts={prompts}"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "3 cases written" in out and "converting CVPR-BiomedSegFM" in err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and any("PET_Demo_0001.npz" in e for e in errors)
+    assert {c.modality for c in read_manifest(manifest)} == {"CT", "MR"}
