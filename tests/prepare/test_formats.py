@@ -272,3 +272,22 @@ def test_cvpr_recipe_from_the_command_line(tmp_path, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and any("PET_Demo_0001.npz" in e for e in errors)
     assert {c.modality for c in read_manifest(manifest)} == {"CT", "MR"}
+
+
+def test_satds_recipe_from_the_command_line_with_moved_data(tmp_path, capsys):
+    """``vlseg prepare --recipe SAT-DS ... root=DIR``: SAT-DS data copied to another machine, found under ``root``;
+    the recipe's own table says BTCV's 13 names are mask values (the last two are merged classes)."""
+    from vlseg.cli.prepare import main as prepare_main
+
+    moved = tmp_path / "copy"
+    _btcv_case(moved / "data" / "nii" / "BTCV", "0001")
+    old = "/mnt/elsewhere/SAT-DS/data/nii/BTCV"
+    source = _jsonl(tmp_path / "lists" / "BTCV.jsonl",
+                    [_line(f"{old}/img0001.nii.gz", f"{old}/label0001.nii.gz", BTCV_NAMES, pid="one")])
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    args = ["--recipe", "SAT-DS", "--source", str(source), "--manifest", str(manifest)]
+    assert prepare_main(args) == 1
+    assert "file not found" in capsys.readouterr().err
+    assert prepare_main([*args, f"root={moved}"]) == 0, capsys.readouterr().err
+    (case,) = read_manifest(manifest)
+    assert case.case_id == "BTCV_one" and case.classes["kidney"] == [2, 3] and case.classes["spleen"] == [1]
