@@ -135,3 +135,17 @@ def test_new_sources_are_listed_and_their_maps_match_the_builder():
     assert ct["labels"]["vertebra_L2"] == "vertebra L2" and mr["labels"]["disc_C5_C6"] == "intervertebral disc C5-C6"
     for name, target in (("brain_tumor.yaml", "brain tumor"), ("breast_tumor.yaml", "breast tumor")):
         assert list(yaml.safe_load(maps.joinpath(name).read_text())["labels"].values()) == [target]
+
+
+def test_a_corpus_is_current_only_with_this_builders_stamp(tmp_path):
+    from vlseg.prepare.samples import CORPUS_VERSION, is_current
+
+    assert not is_current(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text("")
+    assert not is_current(tmp_path)  # built before stamps existed: rebuilt by the demo
+    (tmp_path / "corpus_version.json").write_text(json.dumps({"corpus_version": CORPUS_VERSION - 1}))
+    assert not is_current(tmp_path)
+    (tmp_path / "corpus_version.json").write_text(json.dumps({"corpus_version": CORPUS_VERSION}))
+    assert is_current(tmp_path)
+    (tmp_path / "corpus_version.json").write_text("{not json")
+    assert not is_current(tmp_path)

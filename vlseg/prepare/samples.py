@@ -100,6 +100,9 @@ MEMBERS = {
     "tptbox": [TPT + name for names in SPINE_FILES.values() for name in names],
 }
 
+# Raised whenever the corpus' datasets or labels change; a corpus stamped with an older one is rebuilt by `vlseg demo`.
+# 2: BrainTumorMR, BreastMR, SpineCT, SpineMR added; nnU-Net-valid raw folders; patient B's series under series/.
+CORPUS_VERSION = 2
 LESION_SEED = 20261122  # the held-out lesion; training synthesis draws from the run's seed instead
 
 # tptbox's label ids (TPTBox/core/vert_constants.py): vertebra C1..C7 = 1..7, T1..T12 = 8..19, L1..L5 = 20..24; the
@@ -355,4 +358,14 @@ def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True
         log(f"  {s.dataset:16s} {len(written)} case(s) → {s.split}", quiet)
     if failures:
         raise VlsegError(f"{manifest}: {len(failures)} case(s) failed to convert; first: {failures[0]}")
+    (out / "corpus_version.json").write_text(json.dumps({"corpus_version": CORPUS_VERSION}) + "\n")
     return manifest
+
+
+def is_current(out: Path) -> bool:
+    """Whether ``out`` holds a corpus built by this version of the builder (its manifest and version stamp)."""
+    try:
+        stamp = json.loads((Path(out) / "corpus_version.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (Path(out) / "manifest.jsonl").is_file() and stamp.get("corpus_version") == CORPUS_VERSION
