@@ -3,9 +3,12 @@ SAT-scale benchmark's generator, 16³ stand-in cache entries written by the cach
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pickle
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,8 @@ import pytest
 
 from vlseg.prepare.cache.keys import array_header, cache_jobs
 from vlseg.prepare.cache.read import open_cache
-from vlseg.prepare.manifest import read_manifest
+from vlseg.prepare.manifest import read_manifest, write_manifest
+from vlseg.prepare.tables import Flags, Interner, Rows, SharedTable
 from vlseg.train.crops import CropDataset
 from vlseg.vocab.vocabulary import Vocabulary
 
@@ -107,3 +111,98 @@ def test_samples_are_those_of_the_plain_path(corpus):
         a, b = ds[i], again[i]
         assert a["case_id"] == b["case_id"] and a["classes"] == b["classes"] and a["texts"] == b["texts"]
         assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["target"], b["target"])
+
+
+def test_manifest_bytes_unchanged_after_read_and_write(corpus):
+    info, cases, _ = corpus
+    again = write_manifest(Path(info["manifest"]).with_name("again.jsonl"), read_manifest(info["manifest"]))
+    assert again.read_bytes() == Path(info["manifest"]).read_bytes()
+    plain = [dataclasses.replace(c, classes=dict(c.classes), present=dict(c.present), boxes=dict(c.boxes))
+             for c in cases]
+    assert plain == cases  # compact tables equal the dicts they stand for, values and order alike
+    for c, p in zip(cases, plain):
+        assert list(c.classes.items()) == list(p.classes.items()) and list(c.boxes) == list(p.boxes)
+        assert all(type(v) is bool for v in c.present.values())
+
+
+def test_class_tables_are_shared_per_dataset(corpus):
+    _, cases, cached = corpus
+    for dataset in {c.dataset for c in cases}:
+        mine = [c for c in cases if c.dataset == dataset]
+        distinct = {json.dumps(list(c.classes.items())) for c in mine}
+        assert len({id(c.classes._table) for c in mine}) == len(distinct) == 1
+        assert len({id(c.present._names) for c in mine}) == 1
+    for cc in cached[:60]:  # the cached grid's boxes, voxels and foreground share one name tuple with the manifest
+        assert cc.boxes._names is cc.case.boxes._names is cc.voxels._names is cc.foreground.names
+        assert cc.foreground.folder is cc.folder
+
+
+def test_writing_one_cases_table_leaves_the_others_alone(corpus):
+    info, _, _ = corpus
+    cases = read_manifest(info["manifest"])
+    a, b = [c for c in cases if c.dataset == cases[0].dataset][:2]
+    assert a.classes._table is b.classes._table
+    before = dict(b.classes), dict(b.present), dict(b.boxes)
+    a.classes["extra"] = [99]
+    a.present["extra"] = False
+    name = next(iter(a.boxes))
+    a.boxes[name] = [0, 0, 0, 1, 1, 1]
+    del a.boxes[next(n for n in a.boxes if n != name)]
+    assert (dict(b.classes), dict(b.present), dict(b.boxes)) == before
+    assert a.classes["extra"] == [99] and a.present["extra"] is False and a.boxes[name] == [0, 0, 0, 1, 1, 1]
+    assert pickle.loads(pickle.dumps(a)) == a and pickle.loads(pickle.dumps(b)) == b
+    assert a.classes._table is b.classes._table and "extra" not in b.classes._table
+
+
+def test_tables_keep_values_that_do_not_fit_small_integers():
+    share = Interner()
+    big = Rows.of({"a": [0, 0, 0, 70000, 2, 3]}, share, width=6)
+    huge = Rows.of({"a": 2**70}, share)
+    ragged = Rows.of({"a": [1, 2]}, share, width=6)
+    assert big["a"] == [0, 0, 0, 70000, 2, 3] and huge == {"a": 2**70} and ragged == {"a": [1, 2]}
+    assert Rows.of({}, share, width=6) == {} and not Rows.of({}, share, width=6)
+    with pytest.raises(KeyError):
+        big["b"]
+    with pytest.raises(KeyError):
+        Flags.of({"a": True}, share)["b"]
+
+
+def _unpickled(obj) -> tuple[int, int]:
+    """(pickled bytes of ``obj``, bytes its unpickling leaves allocated): what a spawned data-loader worker receives
+    and then holds."""
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    pickle.loads(blob)  # once before measuring: the first unpickling also fills the interpreter's own caches
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        back = pickle.loads(blob)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del back
+    return len(blob), held
+
+
+def _without_tables(cached) -> list:
+    """The same cases with empty class tables, flags, boxes and voxel counts."""
+    out = []
+    for cc in cached:
+        cc, share = copy.copy(cc), Interner()
+        cc.case = dataclasses.replace(cc.case, classes=SharedTable({}), present=Flags.of({}, share),
+                                      boxes=Rows.of({}, share, width=6))
+        cc.boxes, cc.voxels = Rows.of({}, share, width=6), Rows.of({}, share)
+        out.append(cc)
+    return out
+
+
+def test_index_grows_per_class_by_its_data_not_by_dict_overhead(corpus):
+    _, _, cached = corpus
+    (blob, held), (bare_blob, bare_held) = _unpickled(cached), _unpickled(_without_tables(cached))
+    classes = sum(len(cc.case.classes) for cc in cached)
+    # What a class of a case must carry: its box on the manifest's and the cache's grid (6 integers each, of the
+    # width their largest value needs), a voxel count (up to 8 bytes) and one reference to its (shared) name.
+    width = 2 if max(max(b) for cc in cached for t in (cc.boxes, cc.case.boxes) for b in t.values()) < 2**15 else 4
+    needed = 2 * 6 * width + 8 + 8
+    assert (blob - bare_blob) / classes < needed
+    # Unpickled, the same, allowing twice as much for the allocator's rounding (dicts of lists take ~550 bytes).
+    assert (held - bare_held) / classes < 2 * needed, (held - bare_held) / classes

@@ -33,6 +33,7 @@ import numpy as np
 
 from vlseg.atomic import atomic_path
 from vlseg.errors import VlsegError
+from vlseg.prepare.tables import Flags, Interner, Rows, SharedTable
 
 MANIFEST_SCHEMA = 2
 SPLITS = ("train", "val", "test")
@@ -47,6 +48,8 @@ class Case:
     modality: str
     image: Path  # absolute after reading
     label: Path  # absolute after reading
+    # Read from a manifest, classes/present/boxes are compact mappings that read like these dicts (one class table
+    # shared by a dataset's cases, bit flags, packed boxes; vlseg.prepare.tables); any mapping may be given.
     classes: dict[str, list[int]]  # annotated canonical class -> label values whose union is the class
     present: dict[str, bool]  # annotated class -> does this case contain it
     shape: tuple[int, int, int]
@@ -154,7 +157,7 @@ def _check_geometry(row: dict, where: str, schema: int) -> None:
         raise VlsegError(f"{where}: 'affine' must be a 4x4 list of numbers")
 
 
-def _parse(line: str, where: str, root: str) -> Case:
+def _parse(line: str, where: str, root: str, share: Interner) -> Case:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -167,13 +170,15 @@ def _parse(line: str, where: str, root: str) -> Case:
     classes, present, shape, spacing = row["classes"], row["present"], row["shape"], row["spacing"]
     boxes, affine = row.get("boxes") or {}, row.get("affine")
     name = sys.intern  # class and dataset names repeat on every line: one copy each in memory, however many cases
+    # The class table is one shared object per distinct table, the flags a bit mask, the boxes packed integers: a
+    # corpus of tens of thousands of cases stays small (vlseg.prepare.tables).
+    table = share.table({name(k): v for k, v in classes.items()})
     return Case(case_id=row["case_id"], dataset=name(row["dataset"]), modality=name(row["modality"]),
                 image=Path(os.path.normpath(os.path.join(root, row["image"]))),
                 label=Path(os.path.normpath(os.path.join(root, row["label"]))),
-                classes={name(k): list(v) for k, v in classes.items()},
-                present={name(k): bool(v) for k, v in present.items()},
+                classes=SharedTable(table), present=Flags.of({name(k): v for k, v in present.items()}, share),
                 shape=tuple(shape), spacing=tuple(float(s) for s in spacing), split=name(row["split"]),
-                boxes={name(k): list(v) for k, v in boxes.items()}, affine=affine)
+                boxes=Rows.of({name(k): v for k, v in boxes.items()}, share, width=6), affine=affine)
 
 
 def read_manifest(path, split: str | None = None, datasets: list[str] | None = None) -> list[Case]:
@@ -198,12 +203,12 @@ def read_manifest(path, split: str | None = None, datasets: list[str] | None = N
         raise VlsegError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
 
     root = str(path.resolve().parent)
-    cases, seen = [], {}
+    cases, seen, share = [], {}, Interner()
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        case = _parse(line, where, root)
+        case = _parse(line, where, root, share)
         if case.case_id in seen:
             raise VlsegError(f"{where}: duplicate case_id {case.case_id!r} (first on line {seen[case.case_id]})")
         seen[case.case_id] = lineno

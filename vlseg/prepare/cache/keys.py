@@ -126,16 +126,26 @@ def array_header(path: Path):
     return tuple(int(n) for n in shape), dtype
 
 
-def entry_complete(folder: Path, meta: dict) -> bool:
-    """The entry's files are there with the shapes and dtypes its meta records (headers only; cheap)."""
+def entry_headers(folder: Path, meta: dict):
+    """(image header, label header) when the entry's files are there with the shapes and dtypes its meta records
+    (headers only; cheap), else None."""
     try:
         shape = tuple(int(n) for n in meta["shape"])
         label_dtype = np.dtype(meta["label_dtype"])
     except (KeyError, TypeError, ValueError):
-        return False
-    return (array_header(folder / "image.npy") == (shape, np.dtype(np.float16))
-            and array_header(folder / "label.npy") == (shape, label_dtype)
-            and (folder / "foreground.npz").is_file())
+        return None
+    image = array_header(folder / "image.npy")
+    if image != (shape, np.dtype(np.float16)):
+        return None
+    label = array_header(folder / "label.npy")
+    if label != (shape, label_dtype) or not (folder / "foreground.npz").is_file():
+        return None
+    return image, label
+
+
+def entry_complete(folder: Path, meta: dict) -> bool:
+    """The entry's files are there with the shapes and dtypes its meta records (headers only; cheap)."""
+    return entry_headers(folder, meta) is not None
 
 
 def entry_current(folder: Path, meta: dict | None, key: str) -> bool:

@@ -11,40 +11,53 @@ import numpy as np
 from vlseg.errors import VlsegError
 from vlseg.prepare.cache.keys import (
     RERUN,
-    array_header,
     cache_jobs,
     case_key,
-    entry_current,
+    entry_headers,
     error_line,
     read_meta,
 )
 from vlseg.prepare.manifest import Case
+from vlseg.prepare.tables import Interner, Rows
 
 
 class Foreground(Mapping):
     """Per present class, its voxel coordinates ``[N, 3]``, read from the entry's ``foreground.npz`` when asked for:
-    an opened corpus holds the class names only, not every case's coordinates (up to 20 000 per class)."""
+    an opened corpus holds the class names only, not every case's coordinates (up to 20 000 per class).  ``names[i]``
+    is stored as archive member ``members[i]`` (both tuples, shared between cases where equal)."""
 
-    def __init__(self, path: Path, members: dict[str, str]):
-        self.path, self.members = Path(path), members
+    __slots__ = ("folder", "names", "members")
+
+    def __init__(self, folder: Path, names: tuple, members: tuple):
+        self.folder, self.names, self.members = folder, names, members  # folder: the CachedCase's own Path
+
+    @property
+    def path(self) -> Path:
+        return self.folder / "foreground.npz"
 
     def __getitem__(self, name: str) -> np.ndarray:
-        member = self.members[name]  # KeyError for a class the case does not contain, as a dict
+        try:
+            member = self.members[self.names.index(name)]
+        except ValueError:
+            raise KeyError(name) from None  # a class the case does not contain, as a dict
         try:
             with np.load(self.path) as fg:
                 return fg[member]
         except (OSError, ValueError, KeyError) as exc:
-            raise VlsegError(f"{self.path.parent}: unreadable cache entry ({error_line(exc)}); delete this folder "
+            raise VlsegError(f"{self.folder}: unreadable cache entry ({error_line(exc)}); delete this folder "
                              f"and {RERUN}") from None
 
     def __iter__(self):
-        return iter(self.members)
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.names)
 
     def __contains__(self, name) -> bool:
-        return name in self.members
+        return name in self.names
+
+    def __reduce__(self):
+        return Foreground, (self.folder, self.names, self.members)
 
 
 class CachedCase:
@@ -114,26 +127,24 @@ class CachedCase:
         return self.case.class_mask(label_region, name)
 
 
-def _open_entry(case: Case, folder: Path, meta: dict) -> CachedCase:
+def _open_entry(case: Case, folder: Path, meta: dict, headers: tuple, share: Interner) -> CachedCase:
+    """The entry's ``CachedCase``; ``headers``: its arrays' (shape, dtype), as checked by ``entry_headers``."""
+    image, label = headers
     try:
-        image, label = array_header(folder / "image.npy"), array_header(folder / "label.npy")
         with np.load(folder / "foreground.npz") as fg:
             members = {sys.intern(str(name)): str(key) for name, key in meta["foreground"].items()}
             missing = [key for key in members.values() if key not in fg.files]
             if missing:
                 raise KeyError(f"{missing[0]} is not a file in the archive")
-        foreground = Foreground(folder / "foreground.npz", members)
+        foreground = Foreground(folder, share.names(tuple(members)), share.names(tuple(members.values())))
         shape = tuple(int(n) for n in meta["shape"])
         spacing = tuple(float(v) for v in meta["spacing"])
-        boxes = {sys.intern(str(k)): [int(v) for v in b] for k, b in meta["boxes"].items()}
-        voxels = {sys.intern(str(k)): int(v) for k, v in meta.get("voxels", {}).items()}
+        boxes = Rows.of({sys.intern(str(k)): [int(v) for v in b] for k, b in meta["boxes"].items()}, share, width=6)
+        voxels = Rows.of({sys.intern(str(k)): int(v) for k, v in meta.get("voxels", {}).items()}, share)
         fill = float(meta["image_min"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VlsegError(f"{folder}: unreadable cache entry ({error_line(exc)}); delete this folder and "
                          f"{RERUN}") from None
-    if image is None or label is None:
-        raise VlsegError(f"{folder}: unreadable cache entry (an array is missing, truncated or not an .npy file); "
-                         f"delete this folder and {RERUN}")
     (image_shape, image_dtype), (label_shape, label_dtype) = image, label
     if image_shape != shape or label_shape != shape or image_dtype != np.float16:
         raise VlsegError(f"{folder}: cached arrays ({image_dtype} {list(image_shape)}, {label_dtype} "
@@ -148,14 +159,21 @@ def open_cache(cases: list[Case], cache_dir, settings: dict) -> list[CachedCase]
     If any entry is missing or out of date (key or files), raises one VlsegError naming the first such case and how
     many there are, telling the user to run ``vlseg prepare cache``."""
     _, jobs = cache_jobs(cases, Path(cache_dir), settings)
-    stale, metas = [], []
+    stale, found = [], []
     for case, folder, spacing, _ in jobs:
         meta = read_meta(folder)
-        if not entry_current(folder, meta, case_key(case, spacing, settings)):
+        key = case_key(case, spacing, settings)  # (a missing source file: its one-line error, entry or not)
+        current = meta is not None and meta.get("key") == key
+        headers = entry_headers(folder, meta) if current else None  # the arrays' headers, read once
+        if headers is None:
             stale.append((case, folder, "missing" if meta is None else "out of date"))
-        metas.append(meta)
+        found.append((meta, headers))
     if stale:
         case, folder, why = stale[0]
         raise VlsegError(f"{folder}: preprocessing cache entry of case {case.case_id!r} is {why} ({len(stale)} of "
                          f"{len(cases)} cases missing or out of date); {RERUN}")
-    return [_open_entry(case, folder, meta) for (case, folder, _, _), meta in zip(jobs, metas)]
+    share = Interner()  # name tuples shared between cases, and with the manifest's boxes where equal
+    for case in cases:
+        share.adopt(case.boxes)
+    return [_open_entry(case, folder, meta, headers, share)
+            for (case, folder, _, _), (meta, headers) in zip(jobs, found)]
