@@ -223,3 +223,22 @@ def test_a_registered_layout_is_recognised_or_named(phantom_corpus, tmp_path, cs
     assert str(err.value) == (f"{tmp_path / 'Flat.yaml'}: unknown dataset layout 'nope'; available: "
                               f"{', '.join(DATASET_LAYOUTS.names())}")
     assert {"mask_folders", "msd", "nnunet", "pattern", "test-csv"} <= set(DATASET_LAYOUTS.names())
+
+
+def test_a_map_extends_another_or_takes_its_labels(tmp_path):
+    from vlseg.prepare.convert import load_map
+
+    (tmp_path / "base.yaml").write_text("dataset: Base\nmodality: CT\nlayout: msd\ncase_filter: 'a.*'\n"
+                                        "labels: {liver: liver, cancer: liver tumor}\n")
+    (tmp_path / "mr.yaml").write_text("extends: base.yaml\ndataset: BaseMR\nmodality: MR\nlabels: {spleen: spleen}\n")
+    (tmp_path / "own.yaml").write_text("labels_from: base.yaml\ndataset: Own\nmodality: MR\n")
+    (tmp_path / "auto.yaml").write_text("extends: base.yaml\nlabels: auto\n")
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    mr = load_map(tmp_path / "mr.yaml")
+    assert mr == {"dataset": "BaseMR", "modality": "MR", "layout": "msd", "case_filter": "a.*",
+                  "labels": {"liver": "liver", "cancer": "liver tumor", "spleen": "spleen"}}
+    own = load_map(tmp_path / "own.yaml")  # labels only: the base's layout and filter stay behind
+    assert own == {"dataset": "Own", "modality": "MR", "labels": {"liver": "liver", "cancer": "liver tumor"}}
+    assert load_map(tmp_path / "auto.yaml")["labels"] == "auto"
+    with pytest.raises(VlsegError, match="refers back to itself"):
+        load_map(tmp_path / "loop.yaml")

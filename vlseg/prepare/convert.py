@@ -21,8 +21,9 @@ Public datasets have ready-made maps, recipes (``vlseg.prepare.recipes``, ``vlse
 DIR``).  Two more keys serve them: ``case_filter`` (a regular expression the source's case ids must match) and
 ``channel: N`` (4D multi-channel images: channel N is written as a 3D image, ``vlseg.prepare.channels``).
 
-A map may start from another with ``labels_from: other.yaml`` (relative to it) and add or change labels; ``--dataset``
-and ``--split`` let one map serve several datasets (``--split test`` holds a whole dataset out).
+A map may start from another with ``extends: other.yaml`` (every key) or ``labels_from: other.yaml`` (its labels
+only), both relative to it, and add or change keys and labels; ``--dataset`` and ``--split`` let one map serve several
+datasets (``--split test`` holds a whole dataset out).
 
 Each case is checked (readable image, label on the image grid, only declared label values, finite voxels); a bad case
 is reported with its file and problem and skipped, the others are written, and the command exits non-zero at the end.
@@ -117,16 +118,27 @@ def check_case(case_id, image, label, classes, declared: set[int], dataset, moda
 
 
 def load_map(path: Path, seen: tuple = ()) -> dict:
-    """A map YAML; ``labels_from: other.yaml`` (relative to it) takes that map's labels, which this one extends."""
+    """A map YAML.  ``extends: other.yaml`` (relative to it) starts from every key of that map, ``labels_from:
+    other.yaml`` from its labels only; this map's own keys replace the inherited ones, its labels add to them."""
     spec = load_yaml(path, "map file")
-    base = spec.get("labels_from")
-    if base:
+    for key in ("extends", "labels_from"):
+        base = spec.pop(key, None)
+        if not base:
+            continue
         base_path = (path.parent / str(base)).resolve()
-        if base_path in seen:
-            raise VlsegError(f"{path}: labels_from {base!r} refers back to itself")
-        inherited = load_map(base_path, (*seen, path.resolve())).get("labels") or {}
-        spec["labels"] = {**inherited, **(spec.get("labels") or {})}
+        if base_path in seen or base_path == path.resolve():
+            raise VlsegError(f"{path}: {key} {base!r} refers back to itself")
+        inherited = load_map(base_path, (*seen, path.resolve()))
+        spec = {**(inherited if key == "extends" else {}), **spec,
+                "labels": _merged_labels(inherited.get("labels"), spec.get("labels"))}
     return spec
+
+
+def _merged_labels(inherited, own):
+    """A map's labels over those it inherits; ``auto`` (or any other non-mapping) on either side is taken whole."""
+    if isinstance(inherited, dict) and isinstance(own, dict):
+        return {**inherited, **own}
+    return inherited if own is None else own
 
 
 def read_spec(mapping_path: Path, dataset: str | None, split: str | None, settings: dict | None = None) -> dict:

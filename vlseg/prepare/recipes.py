@@ -18,8 +18,8 @@ import difflib
 from importlib import resources
 from pathlib import Path
 
-from vlseg.config import load_yaml
 from vlseg.errors import VlsegError
+from vlseg.prepare.convert import load_map
 
 REQUIRED = ("recipe", "title", "url", "licence", "dataset", "modality", "layout", "folder", "labels")
 
@@ -71,7 +71,7 @@ def check_recipe(spec: dict, path: Path) -> dict:
 def load_recipe(name: str) -> dict:
     """Recipe ``name`` as a checked mapping (the convert map plus its metadata)."""
     path = find_recipe(name)
-    return check_recipe(load_yaml(path, "recipe"), path)
+    return check_recipe(load_map(path), path)
 
 
 def list_recipes() -> list[dict]:
