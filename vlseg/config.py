@@ -185,13 +185,16 @@ def fill_component_defaults(cfg: dict) -> dict:
     return cfg
 
 
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's safe loader, ~8x faster, where installed
+
+
 def load_yaml(path: str | Path, what: str = "config file") -> dict:
     """A YAML mapping from a file; a missing file, bad YAML or a non-mapping is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
         raise VlsegError(f"{path}: {what} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=YAML_LOADER) or {}
     except yaml.YAMLError as exc:
         raise VlsegError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):

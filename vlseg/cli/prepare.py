@@ -69,19 +69,10 @@ def convert_main(argv=None, prog: str = "vlseg prepare convert") -> int:
 
 
 def map_settings(items: list[str]) -> dict:
-    """``key=value`` words → map keys; values are read as YAML (``channel=2`` is a number, ``root=/x`` text)."""
-    import yaml
+    """``key=value`` words → map keys, values read as YAML as config overrides are (``channel=2`` is a number)."""
+    from vlseg.config import parse_override
 
-    settings = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise VlsegError(f"{item!r}: expected key=value (a map key to replace, e.g. root=/data/SAT-DS)")
-        try:
-            settings[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            settings[key.strip()] = value
-    return settings
+    return {".".join(keys): value for keys, value in map(parse_override, items)}
 
 
 def warn_unmapped(manifest: Path, spec: dict) -> None:

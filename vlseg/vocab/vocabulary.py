@@ -13,12 +13,10 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from vlseg.errors import VlsegError
 
 _OPTIONAL = ("heldout", "modalities", "includes", "union_of")
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml reads the bundled file ~8x faster when present
 
 
 def normalize_text(text: str) -> str:
@@ -46,7 +44,7 @@ class Vocabulary:
                 self._lookup.setdefault(normalize_text(text), name)
         self._parents: dict[str, list[str]] = {name: [] for name in self.names}
         for name in self.names:
-            for child in dict.fromkeys(self.includes[name] + self.union_of[name]):
+            for child in self.children(name):
                 self._parents.setdefault(child, []).append(name)
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -82,12 +80,12 @@ class Vocabulary:
 
     @classmethod
     def load(cls, spec: str | Path = "default") -> "Vocabulary":
-        if str(spec) == "default":
-            text = resources.files("vlseg.vocab").joinpath("vocabulary.yaml").read_text()
-            return cls.from_dict(yaml.load(text, Loader=_LOADER), "vlseg/vocab/vocabulary.yaml")
         from vlseg.config import load_yaml
 
-        return cls.from_dict(load_yaml(spec, "vocabulary file"), str(spec))
+        default = str(spec) == "default"
+        path = Path(str(resources.files("vlseg.vocab").joinpath("vocabulary.yaml"))) if default else Path(spec)
+        source = "vlseg/vocab/vocabulary.yaml" if default else str(spec)
+        return cls.from_dict(load_yaml(path, "vocabulary file"), source)
 
     def subset(self, names, source: str = "the corpus") -> "Vocabulary":
         """The classes in ``names`` (canonical order kept); unknown names are an error naming ``source``."""
