@@ -203,7 +203,7 @@ def test_converter_takes_dicom_nifti_and_nrrd_cases_and_reports_bad_ones(tmp_pat
     (nrrd / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
                                                    "labels": {"background": 0, "liver": 1},
                                                    "file_ending": ".nrrd"}))
-    written, errors = convert(nrrd, mapping, manifest, val_fraction=0.0, progress=False, dataset="NrrdSet")
+    written, errors, _ = convert(nrrd, mapping, manifest, val_fraction=0.0, progress=False, dataset="NrrdSet")
     assert sorted(c.case_id for c in written) == ["NrrdSet_n1", "NrrdSet_n2"] and not errors
     assert all(c.boxes == cases["Mixed_dcm"].boxes for c in written)  # the same volume and mask as the DICOM case
     assert {c.dataset for c in read_manifest(manifest)} == {"Mixed", "NrrdSet"}  # other datasets' lines kept
@@ -249,7 +249,7 @@ def test_real_patient_b_keeps_its_label_on_the_right_voxels_through_the_converte
     (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"},
                                                    "labels": {"background": 0, **names}, "file_ending": ".nii.gz"}))
     manifest = tmp_path / "corpus" / "manifest.jsonl"
-    written, errors = convert(root, REPO / "vlseg" / "prepare" / "sample_maps" / "totalseg_total.yaml", manifest,
+    written, errors, _ = convert(root, REPO / "vlseg" / "prepare" / "sample_maps" / "totalseg_total.yaml", manifest,
                               progress=False, dataset="PatientB", split="test")
     assert not errors and [c.case_id for c in written] == ["PatientB_B"]
     [case] = read_manifest(manifest)

@@ -43,7 +43,7 @@ def test_hierarchy_is_closed_over_local_labels():
 
 def test_nnunet_v2_dataset(phantom_corpus, tmp_path):
     source = phantom_corpus.parent / "Dataset001_PhantomLiver"
-    cases, errors = convert(source, _map(tmp_path, {"liver": "liver", "liver tumor": "liver tumor"}),
+    cases, errors, _ = convert(source, _map(tmp_path, {"liver": "liver", "liver tumor": "liver tumor"}),
                             tmp_path / "m.jsonl", val_fraction=0.34, progress=False)
     assert not errors and len(cases) == 3
     read = read_manifest(tmp_path / "m.jsonl")
@@ -142,7 +142,7 @@ def test_per_class_mask_folders(phantom_corpus, tmp_path):
                 continue
             nib.save(nib.Nifti1Image(data, img.affine), seg / f"{stem}.nii.gz")
     mapping = _map(tmp_path, {"liver": "liver", "liver_tumor": "liver tumor", "spleen": "spleen"}, "TS")
-    cases, errors = convert(src, mapping, tmp_path / "corpus" / "m.jsonl", val_fraction=0, progress=False)
+    cases, errors, _ = convert(src, mapping, tmp_path / "corpus" / "m.jsonl", val_fraction=0, progress=False)
     assert [c.case_id for c in cases] == ["TS_good", "TS_missing"]
     assert len(errors) == 2
     assert any("overlap/segmentations/spleen.nii.gz: overlaps liver.nii.gz" in e for e in errors), errors
@@ -208,7 +208,7 @@ def test_a_registered_layout_is_recognised_or_named(phantom_corpus, tmp_path, cs
     (flat / "cases.csv").write_text("\n".join(rows))
     (flat / "labels.json").write_text(json.dumps({"hepar": 1, "tumour": 2}))
     assert choose_layout(flat).name == "test-csv" and choose_layout(src).name == "nnunet"
-    cases, errors = convert(flat, _map(tmp_path, {"hepar": "liver", "tumour": "liver tumor"}, "Flat"),
+    cases, errors, _ = convert(flat, _map(tmp_path, {"hepar": "liver", "tumour": "liver tumor"}, "Flat"),
                             tmp_path / "m.jsonl", val_fraction=0, progress=False)
     assert not errors and [c.case_id for c in cases] == ["Flat_c0", "Flat_c1"]
     assert read_manifest(tmp_path / "m.jsonl")[1].classes == {"liver": [1, 2], "liver tumor": [2]}

@@ -62,7 +62,7 @@ def test_satds_merged_classes_never_get_a_value(tmp_path):
     lines = [_line(f"data/nii/BTCV/img{n}.nii.gz", f"data/nii/BTCV/label{n}.nii.gz", BTCV_NAMES, split=s,
                    pid=f"img{n}.nii.gz") for n, s in (("0001", "train"), ("0002", "test"))]
     source = _jsonl(data / "jsonl" / "BTCV.jsonl", lines)  # paths relative to the SAT-DS checkout
-    cases, errors = convert(source, SATDS, tmp_path / "out" / "m.jsonl", progress=False)
+    cases, errors, _ = convert(source, SATDS, tmp_path / "out" / "m.jsonl", progress=False)
     assert not errors and len(cases) == 2
     read = {c.case_id: c for c in read_manifest(tmp_path / "out" / "m.jsonl")}
     case = read["BTCV_img0001"]
@@ -85,7 +85,7 @@ def test_satds_without_table_reads_k_on_each_mask(tmp_path):
     lines = [_line(f"{n}_img.nii.gz", f"{n}_mask.nii.gz", ["liver", "spleen", "kidney"], "MRI T2", "Mine", pid=n)
              for n in ("a", "b")]
     source = _jsonl(tmp_path / "Mine.jsonl", lines)
-    cases, errors = convert(source, _map(tmp_path), tmp_path / "m.jsonl", progress=False)
+    cases, errors, _ = convert(source, _map(tmp_path), tmp_path / "m.jsonl", progress=False)
     assert not errors
     by_id = {c.case_id: c for c in cases}
     assert by_id["Mine_a"].classes == {"liver": [1], "spleen": [2]} and by_id["Mine_a"].modality == "MR"
@@ -100,7 +100,7 @@ def test_satds_overlapping_channels_are_exact(tmp_path):
     names = ["right kidney", "left kidney", "spleen", "kidney"]
     source = _jsonl(tmp_path / "Multi.jsonl", [_line("img.nii.gz", "mask.nii.gz", names, dataset="Multi",
                                                      pid="c1")])
-    cases, errors = convert(source, _map(tmp_path, annotated={"Multi": 3}), tmp_path / "out" / "m.jsonl",
+    cases, errors, _ = convert(source, _map(tmp_path, annotated={"Multi": 3}), tmp_path / "out" / "m.jsonl",
                             progress=False)
     assert not errors
     case = read_manifest(tmp_path / "out" / "m.jsonl")[0]
@@ -122,7 +122,7 @@ def test_satds_moved_data_bad_lines_and_modalities(tmp_path):
              _line(f"{old}/img0003.nii.gz", f"{old}/label0003.nii.gz", BTCV_NAMES, "PET", pid="three")]
     source = _jsonl(tmp_path / "lists" / "BTCV.jsonl", lines)
     manifest = tmp_path / "out" / "m.jsonl"
-    cases, errors = convert(source, _map(tmp_path, root=str(moved), annotated={"BTCV": 13}), manifest,
+    cases, errors, _ = convert(source, _map(tmp_path, root=str(moved), annotated={"BTCV": 13}), manifest,
                             progress=False)
     assert [c.case_id for c in cases] == ["BTCV_one"] and cases[0].image == moved / "data/nii/BTCV/img0001.nii.gz"
     assert len(errors) == 3
@@ -169,7 +169,7 @@ def _cvpr_tree(root):
 def test_cvpr_npz_converts_with_prompts_and_spacing(tmp_path):
     train = _cvpr_tree(tmp_path / "CVPR-BiomedSegFM")
     manifest = tmp_path / "out" / "m.jsonl"
-    cases, errors = convert(train, CVPR, manifest, progress=False)
+    cases, errors, _ = convert(train, CVPR, manifest, progress=False)
     by_id = {c.case_id.split("_", 1)[1]: c for c in read_manifest(manifest)}
     assert set(by_id) == {"CT_Demo_0001", "CT_Demo_0002", "MR_Lesions_0001"}
     for name in ("CT_Demo_0001", "CT_Demo_0002"):
@@ -198,7 +198,7 @@ def test_cvpr_spacing_order_from_the_map_and_validation_inputs(tmp_path):
     _npz(source / "CT_Demo_val.npz", [2.5, 0.8, 0.8], gts=False, text_prompts=np.array({"1": "liver"}, object))
     spec = {"dataset": "Demo", "modality": "auto", "layout": "cvpr_npz", "labels": "auto", "spacing_order": "zyx"}
     (tmp_path / "map.yaml").write_text(json.dumps(spec))
-    cases, errors = convert(source, tmp_path / "map.yaml", tmp_path / "out" / "m.jsonl", progress=False)
+    cases, errors, _ = convert(source, tmp_path / "map.yaml", tmp_path / "out" / "m.jsonl", progress=False)
     assert not errors and len(cases) == 3
     odd = next(c for c in cases if c.case_id == "Demo_CT_Demo_0003")
     assert odd.spacing == pytest.approx((0.6, 0.8, 1.0))  # zyx as the map says: W is x
@@ -291,3 +291,21 @@ def test_satds_recipe_from_the_command_line_with_moved_data(tmp_path, capsys):
     assert prepare_main([*args, f"root={moved}"]) == 0, capsys.readouterr().err
     (case,) = read_manifest(manifest)
     assert case.case_id == "BTCV_one" and case.classes["kidney"] == [2, 3] and case.classes["spleen"] == [1]
+
+
+def test_satds_names_the_vocabulary_does_not_know_are_warned_about(tmp_path, capsys):
+    """``dataset: auto`` takes the JSONL's own dataset name; the warning about unknown label names still finds it."""
+    from vlseg.cli.prepare import main as prepare_main
+
+    data = tmp_path / "SAT-DS" / "data"
+    _btcv_case(data / "nii" / "BTCV", "0001")
+    names = ["mysterious blob", *BTCV_NAMES[1:]]
+    source = _jsonl(data / "jsonl" / "BTCV.jsonl",
+                    [_line("data/nii/BTCV/img0001.nii.gz", "data/nii/BTCV/label0001.nii.gz", names, pid="one")])
+    manifest = tmp_path / "out" / "manifest.jsonl"
+    assert prepare_main(["--recipe", "SAT-DS", "--source", str(source), "--manifest", str(manifest)]) == 0
+    err = capsys.readouterr().err
+    assert "labels not in the vocabulary, left unannotated: mysterious blob" in err
+    assert "convert_report_BTCV.json" in err
+    (case,) = read_manifest(manifest)
+    assert 1 not in {v for values in case.classes.values() for v in values}

@@ -234,7 +234,7 @@ def _channel_task(tmp_path, channels):
 def test_one_channel_of_4d_images_is_written_as_a_3d_image(tmp_path):
     task, mapping = _channel_task(tmp_path, channels=4)
     manifest = tmp_path / "corpus" / "m.jsonl"
-    cases, errors = convert(task, mapping, manifest, val_fraction=0, progress=False)
+    cases, errors, _ = convert(task, mapping, manifest, val_fraction=0, progress=False)
     assert [c.case_id for c in cases] == ["Brain_good"]
     assert errors == [f"{task / 'imagesTr' / 'flat.nii.gz'}: not a multi-channel image (shape 10x10x10); 'channel' "
                       f"needs channels along a 4th axis"]
@@ -245,7 +245,7 @@ def test_one_channel_of_4d_images_is_written_as_a_3d_image(tmp_path):
     assert written.shape == (10, 10, 10) and np.allclose(written.affine, source.affine)
     assert np.allclose(np.asarray(written.dataobj), np.asarray(source.dataobj)[..., 2])
     task3, mapping3 = _channel_task(tmp_path / "two", channels=2)
-    _, errors = convert(task3, mapping3, manifest, val_fraction=0, progress=False)
+    _, errors, _ = convert(task3, mapping3, manifest, val_fraction=0, progress=False)
     assert any("good.nii.gz: has 2 channels; channel 2 does not exist" in e for e in errors), errors
 
 
@@ -262,7 +262,7 @@ def test_pattern_layout_errors(tmp_path):
         save(source / case / f"{case}_seg.nii.gz", label_volume([1]))
     save(source / "a" / "a_ct.nii.gz", image_volume())
     mapping = _pattern_map(tmp_path, "seg", label="{case}/{case}_seg.nii.gz", image="{case}/{case}_ct.nii.gz")
-    cases, errors = convert(source, mapping, tmp_path / "m.jsonl", val_fraction=0, progress=False)
+    cases, errors, _ = convert(source, mapping, tmp_path / "m.jsonl", val_fraction=0, progress=False)
     assert [c.case_id for c in cases] == ["P_a"]
     assert errors == [f"{source / 'b' / 'b_ct.nii.gz'}: file not found"]  # the expected image, named
     report = json.loads((tmp_path / "convert_report_P.json").read_text())
@@ -275,7 +275,7 @@ def test_pattern_layout_errors(tmp_path):
         convert(source, stray, tmp_path / "m.jsonl", progress=False)
     save(source / "b" / "c_seg.nii.gz", label_volume([1]))  # {case} twice: b/c_seg is not a case
     save(source / "b" / "b_ct.nii.gz", image_volume())
-    cases, errors = convert(source, mapping, tmp_path / "m.jsonl", val_fraction=0, progress=False)
+    cases, errors, _ = convert(source, mapping, tmp_path / "m.jsonl", val_fraction=0, progress=False)
     assert [c.case_id for c in cases] == ["P_a", "P_b"] and not errors
 
 

@@ -49,21 +49,19 @@ def convert_main(argv=None, prog: str = "vlseg prepare convert") -> int:
     parser.add_argument("settings", nargs="*", metavar="key=value",
                         help="map keys to replace, e.g. root=/data/SAT-DS or image='{case}/{case}_flair.nii.gz'")
     args = parser.parse_args(argv)
-    from vlseg.prepare.convert import convert, read_spec
+    from vlseg.prepare.convert import convert
     from vlseg.prepare.recipes import find_recipe
 
     try:
-        settings = map_settings(args.settings)
         map_path = find_recipe(args.recipe) if args.recipe else Path(args.map)
-        spec = read_spec(map_path, args.dataset, args.split, settings)
-        cases, errors = convert(args.source, map_path, args.manifest, args.val_fraction, args.seed,
-                                dataset=args.dataset, split=args.split, settings=settings)
+        cases, errors, report = convert(args.source, map_path, args.manifest, args.val_fraction, args.seed,
+                                        dataset=args.dataset, split=args.split, settings=map_settings(args.settings))
     except VlsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
-    warn_unmapped(Path(args.manifest), spec)
+    warn_unmapped(report, Path(args.manifest))
     print(f"{len(cases)} cases written to {args.manifest}, {len(errors)} failed")
     return 1 if errors else 0
 
@@ -75,20 +73,15 @@ def map_settings(items: list[str]) -> dict:
     return {".".join(keys): value for keys, value in map(parse_override, items)}
 
 
-def warn_unmapped(manifest: Path, spec: dict) -> None:
-    """Warning lines for the local labels the conversion left unannotated: those the convert report lists as
-    unmapped (``labels: auto`` names the vocabulary does not know) and those the map leaves out on purpose."""
-    report = manifest.parent / f"convert_report_{spec['dataset']}.json"
-    try:
-        unknown = json.loads(report.read_text()).get("unmapped") or []
-    except (OSError, ValueError):
-        unknown = []
-    if unknown:
-        print(f"warning: labels not in the vocabulary, left unannotated: {', '.join(map(str, unknown))} "
-              f"(see {report})", file=sys.stderr)
-    chosen = spec.get("unmapped") or {}
-    if chosen:
-        print(f"note: labels the map leaves unannotated: {', '.join(map(str, chosen))}", file=sys.stderr)
+def warn_unmapped(report: dict, manifest: Path) -> None:
+    """Warning lines for the local labels the conversion left unannotated: names the vocabulary does not know
+    (``labels: auto``) and labels the map leaves out on purpose."""
+    if report["unmapped"]:
+        path = manifest.parent / f"convert_report_{report['dataset']}.json"
+        print(f"warning: labels not in the vocabulary, left unannotated: {', '.join(map(str, report['unmapped']))} "
+              f"(see {path})", file=sys.stderr)
+    if report["left_out"]:
+        print(f"note: labels the map leaves unannotated: {', '.join(report['left_out'])}", file=sys.stderr)
 
 
 def recipes_main(argv=None) -> int:

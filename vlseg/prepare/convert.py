@@ -30,7 +30,7 @@ is reported with its file and problem and skipped, the others are written, and t
 Every run also writes ``convert_report_<dataset>.json`` beside the manifest (one per dataset, since several datasets
 share a manifest), case ids as the manifest names them::
 
-    {"dataset": "MSDLiver", "source": "...", "converted": ["MSDLiver_liver_0"], "unmapped": [],
+    {"dataset": "MSDLiver", "source": "...", "converted": ["MSDLiver_liver_0"], "unmapped": [], "left_out": [],
      "errors": [{"case": "MSDLiver_liver_1", "file": ".../liver_1.nii.gz", "problem": "label values [7] are ..."}]}
 
 Raw data is only read: nothing in ``--source`` is ever written, moved or deleted.
@@ -43,6 +43,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -239,11 +240,17 @@ def assign_splits(cases: list[Case], split: str | None, val_fraction: float, see
         cases[i].split = "val"
 
 
+class Conversion(NamedTuple):
+    cases: list[Case]  # written to the manifest
+    errors: list[str]  # one line per case that failed
+    report: dict  # as written to convert_report_<dataset>.json
+
+
 def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int = 0, progress: bool = True,
-            dataset: str | None = None, split: str | None = None, settings: dict | None = None):
-    """Returns (cases written, [per-case error lines]).  ``dataset`` overrides the map's dataset name (one map can
-    serve several datasets labelled the same way); ``split`` puts every case in that split (e.g. ``test`` for a
-    held-out dataset) instead of drawing a validation fraction; ``settings`` replace map keys (``root``, ``image``,
+            dataset: str | None = None, split: str | None = None, settings: dict | None = None) -> Conversion:
+    """The cases written, the per-case error lines and the report.  ``dataset`` overrides the map's dataset name (one
+    map can serve several datasets labelled the same way); ``split`` puts every case in that split (e.g. ``test`` for
+    a held-out dataset) instead of drawing a validation fraction; ``settings`` replace map keys (``root``, ``image``,
     ``prompts`` ...) without a copy of the map."""
     source, mapping_path, manifest = Path(source), Path(mapping_path), Path(manifest)
     spec = read_spec(mapping_path, dataset, split, settings)
@@ -269,8 +276,9 @@ def convert(source, mapping_path, manifest, val_fraction: float = 0.1, seed: int
     if cases:
         write_manifest(manifest, kept + cases)
     report = {"dataset": str(spec["dataset"]), "source": str(source), "converted": [c.case_id for c in cases],
-              "unmapped": unmapped, "errors": failed, **listing.report}
+              "unmapped": unmapped, "left_out": [str(k) for k in spec.get("unmapped") or {}], "errors": failed,
+              **listing.report}
     manifest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(manifest.parent / f"convert_report_{spec['dataset']}.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
-    return cases, errors
+    return Conversion(cases, errors, report)

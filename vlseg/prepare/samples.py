@@ -352,7 +352,7 @@ def build(out: Path, downloads: Path, quiet: bool = False, progress: bool = True
         path = write_dataset(raw, s.folder, s.modality, s.labels, s.cases, s.ending)
         if any(Path(image).is_dir() for _, image, _ in s.cases):
             path = write_dataset(out / "series", s.folder, s.modality, s.labels, s.cases, s.ending, keep_series=True)
-        written, errors = convert(path, MAPS / s.map_name, manifest, val_fraction=0.0, progress=progress,
+        written, errors, _ = convert(path, MAPS / s.map_name, manifest, val_fraction=0.0, progress=progress,
                                   dataset=s.dataset, split=s.split)
         failures += errors
         log(f"  {s.dataset:16s} {len(written)} case(s) → {s.split}", quiet)
