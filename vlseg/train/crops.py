@@ -164,7 +164,7 @@ class CropDataset(Dataset):
     def annotated(self, cc: CachedCase) -> list[str]:
         """Classes supervised for this case: its dataset's, plus the synthesised target where synthesis applies."""
         names = self._in_vocabulary_order(cc.case.classes)
-        if self._synthesises(cc) and self.synthesis.target in self.vocabulary.names:
+        if self._synthesises(cc) and self.synthesis.target in self._order:
             names.append(self.synthesis.target)
         return names
 
