@@ -22,7 +22,6 @@ so a case looks the same at any grid size; only the voxel noise depends on the g
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from vlseg.errors import VlsegError
+from vlseg.prepare.layouts.nnunet import write_description
 from vlseg.prepare.manifest import Case, write_manifest
 from vlseg.transforms.boxes import class_boxes
 from vlseg.transforms.spatial import positive_triple
@@ -78,8 +78,9 @@ def class_values(annotated: list[str]) -> dict[str, list[int]]:
 
 
 def dataset_labels(annotated: list[str]) -> dict:
-    """nnU-Net v2 ``labels`` of a dataset: background plus each annotated class (a list where it is a region)."""
-    labels = {"background": 0}
+    """nnU-Net v2 ``labels`` of a dataset (background is added by ``write_description``): each annotated class, a
+    list where it is a region."""
+    labels = {}
     for name, values in class_values(annotated).items():
         labels[name] = values if len(values) > 1 else values[0]
     return labels
@@ -349,11 +350,9 @@ def generate_corpus(out_dir, n_train: int = 12, n_test: int = 6, shape=(56, 56, 
                 if pattern.fullmatch(f.name) and f not in written:
                     f.unlink()
         description = "vlseg procedural abdomen CT phantom" + (" (vlseg's test split)" if kind == "test" else "")
-        meta = {"name": name, "description": description, "reference": "vlseg/prepare/phantoms.py",
-                "licence": "CC0", "channel_names": {"0": "CT"}, "labels": dataset_labels(annotated),
-                "numTraining": n_test if kind == "test" else n_train, "file_ending": ".nii.gz"}
-        if any(isinstance(v, list) for v in meta["labels"].values()):  # region-based: how regions become labels
-            meta["regions_class_order"] = sorted(local_values(annotated).values())
-        (out_dir / folder).mkdir(parents=True, exist_ok=True)
-        (out_dir / folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+        labels = dataset_labels(annotated)
+        regions = any(isinstance(v, list) for v in labels.values())  # region-based: how regions become labels
+        write_description(out_dir / folder, "CT", labels, n_test if kind == "test" else n_train, name=name,
+                          description=description, reference="vlseg/prepare/phantoms.py", licence="CC0",
+                          **({"regions_class_order": sorted(local_values(annotated).values())} if regions else {}))
     return write_manifest(out_dir / "manifest.jsonl", cases)

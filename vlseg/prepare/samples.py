@@ -164,6 +164,7 @@ def write_dataset(root: Path, name: str, modality: str, labels: dict[str, int], 
     A DICOM series is written as NIfTI (``ending`` must then be ``.nii.gz``), its label on the series' grid.  With
     ``keep_series`` the series folder is copied as it is instead: vlseg's own layout, which nnU-Net cannot read."""
     from vlseg.io.writers import save_like
+    from vlseg.prepare.layouts.nnunet import write_description
 
     folder = root / name
     if folder.exists():
@@ -188,9 +189,7 @@ def write_dataset(root: Path, name: str, modality: str, labels: dict[str, int], 
             shutil.copyfile(label, label_out)
     note = ("vlseg's series layout (imagesTr/<case>_0000/ is a DICOM series): not an nnU-Net dataset" if keep_series
             else "nnU-Net v2 raw dataset laid out by vlseg prepare samples from a public package")
-    description = {"channel_names": {"0": modality}, "labels": {"background": 0, **labels},
-                   "numTraining": len(cases), "file_ending": ending, "description": note}
-    (folder / "dataset.json").write_text(json.dumps(description, indent=2))
+    write_description(folder, modality, labels, len(cases), ending, description=note)
     return folder
 
 

@@ -22,6 +22,7 @@ to ``<case>``.  Recognised by a ``dataset.json`` without MSD's ``training`` list
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from vlseg.errors import VlsegError
@@ -69,3 +70,17 @@ def nnunet_image(images: Path, case_id: str, ending: str) -> Path:
     image = images / f"{case_id}_0000{ending}"
     series = images / f"{case_id}_0000"
     return series if series.is_dir() and not image.exists() else image
+
+
+def write_description(folder: Path, modality: str, labels: dict, num_training: int, file_ending: str = ".nii.gz",
+                      **extra) -> Path:
+    """``<folder>/dataset.json`` as nnU-Net v2 reads it: one channel (``modality``), ``labels`` (name → value, or a
+    region: a list of values; background 0 added first), the training-case count and file ending, then ``extra``
+    keys (``description``, ``regions_class_order`` ...)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"channel_names": {"0": modality}, "labels": {"background": 0, **labels}, "numTraining": num_training,
+            "file_ending": file_ending, **extra}
+    path = folder / "dataset.json"
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
