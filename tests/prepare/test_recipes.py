@@ -236,8 +236,8 @@ def test_one_channel_of_4d_images_is_written_as_a_3d_image(tmp_path):
     manifest = tmp_path / "corpus" / "m.jsonl"
     cases, errors, _ = convert(task, mapping, manifest, val_fraction=0, progress=False)
     assert [c.case_id for c in cases] == ["Brain_good"]
-    assert errors == [f"{task / 'imagesTr' / 'flat.nii.gz'}: not a multi-channel image (shape 10x10x10); 'channel' "
-                      f"needs channels along a 4th axis"]
+    assert errors == [f"{task / 'imagesTr' / 'flat.nii.gz'}: not a multi-channel image (shape 10x10x10; channels "
+                      f"along a 4th axis expected)"]
     image = read_manifest(manifest)[0].image
     assert image == (tmp_path / "corpus" / "images" / "Brain" / "good_0002.nii.gz").resolve()
     source = nib.load(task / "imagesTr" / "good.nii.gz")

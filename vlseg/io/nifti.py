@@ -34,6 +34,18 @@ def read_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     return img
 
 
+def read_nifti_channels(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """A single-file NIfTI image with channels along its 4th axis (X, Y, Z, C: MR sequences, mask channels), read
+    whole and checked as ``read_nifti`` checks a scan; not a scan format of its own (scans are 3D)."""
+    raw = _read_bytes(path)
+    img = _parse(raw, str(path))
+    if len(img.shape) != 4:
+        raise VlsegError(f"{path}: not a multi-channel image (shape {shape_str(img.shape)}; channels along a 4th "
+                         f"axis expected)")
+    _check_size(img, len(raw), str(path))
+    return img
+
+
 def _read_bytes(path: Path) -> bytes:
     """The file's NIfTI bytes, decompressed (and CRC-checked) when the content is gzip, whatever the name says."""
     if not path.exists():

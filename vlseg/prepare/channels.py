@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 
 from vlseg.atomic import atomic_path
-from vlseg.errors import VlsegError, first_line, shape_str
+from vlseg.errors import VlsegError, first_line
+from vlseg.io.nifti import read_nifti_channels
 from vlseg.io.scan import load_label, load_scan
 from vlseg.prepare.layouts.base import Listing
 
@@ -48,16 +49,8 @@ def write_channel(source: Path, channel: int, out: Path) -> Path:
     source's affine."""
     if not source.name.lower().endswith((".nii", ".nii.gz")):
         raise VlsegError(f"{source}: channel extraction reads NIfTI files (.nii, .nii.gz) only")
-    try:
-        img = nib.load(source)
-    except FileNotFoundError:
-        raise VlsegError(f"{source}: file not found") from None
-    except Exception as exc:
-        raise VlsegError(f"{source}: unreadable NIfTI ({first_line(exc)})") from None
+    img = read_nifti_channels(source)
     shape = tuple(int(n) for n in img.shape)
-    if len(shape) != 4:
-        raise VlsegError(f"{source}: not a multi-channel image (shape {shape_str(shape)}); 'channel' needs "
-                         f"channels along a 4th axis")
     if channel >= shape[3]:
         raise VlsegError(f"{source}: has {shape[3]} channels; channel {channel} does not exist")
     try:

@@ -40,6 +40,7 @@ import nibabel as nib
 import numpy as np
 
 from vlseg.errors import VlsegError, first_line, shape_str
+from vlseg.io.nifti import read_nifti_channels
 from vlseg.io.scan import Scan, canonical_modality, load_label, load_scan
 from vlseg.io.writers import save_like
 from vlseg.prepare.layouts.base import Listing, dataset_layout
@@ -246,14 +247,9 @@ def _from_channels(scan: Scan, line: _Line) -> tuple:
 
 def read_channels(path: Path, scan: Scan) -> np.ndarray:
     """A 4D NIfTI mask (X, Y, Z, C) on the scan's grid → boolean channels [C, X, Y, Z] on its canonical grid."""
-    try:
-        img = nib.load(path)
-        data = np.asarray(img.dataobj)
-    except FileNotFoundError:
-        raise VlsegError(f"{path}: file not found") from None
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise VlsegError(f"{path}: unreadable multi-channel mask ({first_line(exc)})") from None
-    if data.ndim != 4 or tuple(data.shape[:3]) != tuple(scan.original_shape):
+    img = read_nifti_channels(path)
+    data = np.asarray(img.dataobj)
+    if tuple(data.shape[:3]) != tuple(scan.original_shape):
         raise VlsegError(f"{path}: mask shape {shape_str(data.shape)} is not channels on the image's grid "
                          f"{shape_str(scan.original_shape)} ({scan.name})")
     if float(np.max(np.abs(img.affine - scan.original_affine))) > 1e-3:
