@@ -29,6 +29,8 @@ class PromptResult:
     voxels: int
     volume_ml: float
     match: PromptMatch | None = None  # how the prompt was understood
+    # mean probability over the model-grid voxels at or above the mask threshold; None when there is no mask
+    mean_probability: float | None = None
 
 
 @dataclass

@@ -247,5 +247,7 @@ class Segmenter:
         mask = place.mask(prob)
         voxels = mask.sum()
         voxel_ml = float(np.prod(scan.spacing)) / 1000.0
+        inside = None if prob is None else prob[prob >= place.threshold]
+        mean_probability = float(inside.mean()) if inside is not None and inside.size else None
         return PromptResult(prompt, match.vocabulary_class, p_present, voxels > 0, mask, voxels, voxels * voxel_ml,
-                            match)
+                            match, mean_probability)
