@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     parser.add_argument("--nsd-tolerance", type=float, default=2.0, help="NSD tolerance in mm")
     parser.add_argument("--all-classes", action="store_true",
                         help="also score annotated classes the model was not trained on (asked by name)")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="also score how well the text encoder alone maps held-out paraphrases onto their classes")
     parser.add_argument("--device", default=None)
     parser.add_argument("--spacing", help="working spacing in mm, one number or x,y,z (default: the checkpoint's)")
     parser.add_argument("--no-progress", action="store_true")
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
         manifest = args.manifest or segmenter.config["data"]["manifest"]
         out = Path(args.out) if args.out else ckpt.parent / f"eval-{args.split}"
         summary = evaluate(segmenter, manifest, args.split, out, args.nsd_tolerance,
-                           classes="all" if args.all_classes else None, progress=not args.no_progress)
+                           classes="all" if args.all_classes else None, progress=not args.no_progress,
+                           retrieval=args.retrieval)
         print(format_table(summary))
         print(f"per-case scores: {out / 'per_case.csv'}\nsummary: {out / 'summary.json'}")
 

@@ -7,7 +7,9 @@ voxel spacing, volumes, ...), which give per_case.csv its metric columns and the
 class that is absent from the case counts as a false positive when the predicted mask is non-empty (Dice 0), and as
 correct (Dice 1) when it is empty.  Writes ``per_case.csv`` and ``summary.json`` (per class, per dataset and class,
 overall; the absent-target false-positive and present-target miss rates, with the presence head and with a
-predicted-volume rule; paraphrase consistency).
+predicted-volume rule, by name and on held-out paraphrases; paraphrase consistency; the ratio of held-out paraphrase
+Dice to name Dice), with a 95% bootstrap interval of each figure that resamples cases and, within each, its prompts
+(``intervals``; ``vlseg.evaluate.uncertainty``), and optionally the text encoder's paraphrase → class retrieval.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tqdm.auto import tqdm
 
 from vlseg.errors import VlsegError
 from vlseg.evaluate.metrics import metrics, score_case, summarise
+from vlseg.evaluate.uncertainty import LEVEL, METHOD, ONE_CASE, RESAMPLES, SEED, bootstrap, mean, median, rate, ratio
 from vlseg.io.scan import load_label, load_scan
 from vlseg.prepare.manifest import read_manifest
 
@@ -43,9 +46,11 @@ def columns() -> list[str]:
 
 def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str | Path | None = None,
              nsd_tolerance_mm: float = 2.0, classes: list[str] | str | None = None, progress: bool = True,
-             heldout: bool = True) -> dict:
+             heldout: bool = True, retrieval: bool = False) -> dict:
     """Score every case of ``split``; with ``heldout``, each class is also asked with every held-out paraphrase the
-    model's vocabulary has for it (wordings never trained on), reported apart as ``by_class_heldout``.
+    model's vocabulary has for it (wordings never trained on), reported apart as ``by_class_heldout``.  With
+    ``retrieval``, the summary's ``retrieval`` also gives how well the text encoder alone maps the bundled
+    vocabulary's held-out paraphrases onto their classes (None for a closed-vocabulary encoder).
 
     ``classes``: the classes to score where a case annotates them — by default those the model was trained on (its
     vocabulary); pass ``"all"`` to also ask for every other annotated class by name (open-vocabulary probing)."""
@@ -77,14 +82,35 @@ def evaluate(segmenter, manifest: str | Path, split: str = "test", out_dir: str 
         "overall": summarise(named, ()),
         "by_class_heldout": summarise(paraphrased, ("class",)) if paraphrased else [],
         "absent_targets": absent_target_rates(named, presence_threshold),
+        "absent_targets_heldout": absent_target_rates(paraphrased, presence_threshold) if paraphrased else None,
         "paraphrase_consistency": paraphrase_consistency(rows) if paraphrased else None,
+        "heldout_to_name_dice": heldout_to_name_dice(rows) if paraphrased else None,
+        "intervals": intervals(named, paraphrased),
         # loading, all prompts and scoring, per case (a table's inference-cost column)
         "seconds_per_case": (time.perf_counter() - started) / max(segmented, 1),
     }
+    if retrieval:
+        summary["retrieval"] = _retrieval(segmenter)
     if out_dir is not None:
         _write(Path(out_dir), rows, summary)
     summary["rows"] = rows
     return summary
+
+
+def _open_vocabulary(segmenter) -> bool:
+    """Whether the model's text encoder can be asked wordings it has no code for (a one-hot code cannot)."""
+    return getattr(getattr(segmenter, "text_encoder", None), "open_vocabulary", True)
+
+
+def _retrieval(segmenter) -> dict | None:
+    """Paraphrase → class retrieval by the model's text encoder alone over the bundled vocabulary
+    (``vlseg.evaluate.retrieval``); None where the encoder is closed-vocabulary."""
+    if getattr(segmenter, "text_encoder", None) is None or not _open_vocabulary(segmenter):
+        return None
+    from vlseg.evaluate.retrieval import paraphrase_retrieval
+    from vlseg.vocab.vocabulary import Vocabulary
+
+    return paraphrase_retrieval(segmenter.text_encoder, Vocabulary.load("default"))
 
 
 def _asks(segmenter, names: list[str], heldout: bool) -> list[tuple[str, str, str]]:
@@ -92,8 +118,7 @@ def _asks(segmenter, names: list[str], heldout: bool) -> list[tuple[str, str, st
     vocabulary = getattr(segmenter, "vocabulary", None)
     asks = [(name, name, "name") for name in names]
     # A closed-vocabulary model (one-hot codes) cannot be asked an unseen paraphrase at all: none are scored.
-    if heldout and vocabulary is not None and getattr(getattr(segmenter, "text_encoder", None), "open_vocabulary",
-                                                      True):
+    if heldout and vocabulary is not None and _open_vocabulary(segmenter):
         asks += [(name, text, "heldout") for name in names if name in vocabulary.names
                  for text in vocabulary.heldout[name]]
     return asks
@@ -137,6 +162,25 @@ def _write(out_dir: Path, rows: list[dict], summary: dict) -> None:
     (out_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
 
 
+def read_rows(path: str | Path) -> list[dict]:
+    """per_case.csv read back as evaluate's rows: numbers as floats, True/False as booleans, empty cells left out (as
+    they were), what was asked as text; and presence, which is no column, from the voxel counts."""
+    with open(path, newline="") as fh:
+        rows = [{k: v if k in IDENTITY else _parse(v) for k, v in row.items() if v != ""} for row in csv.DictReader(fh)]
+    for row in rows:
+        row["gt_present"], row["pred_present"] = row["gt_voxels"] > 0, row["pred_voxels"] > 0
+    return rows
+
+
+def _parse(text: str):
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
@@ -165,11 +209,8 @@ def absent_target_rates(rows: list[dict], presence_threshold: float) -> dict:
 def paraphrase_consistency(rows: list[dict]) -> dict:
     """Over each (case, class) asked by its name and by held-out paraphrases: the median Dice across those wordings,
     and the median agreement (Dice) of a paraphrase's mask with the name's; then the median over (case, class)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["case_id"], r["class"]), []).append(r)
     medians, agreements = [], []
-    for group in groups.values():
+    for group in _targets(rows).values():
         if len(group) < 2:
             continue
         medians.append(float(np.median([r["dice"] for r in group])))
@@ -177,6 +218,72 @@ def paraphrase_consistency(rows: list[dict]) -> dict:
     return {"targets": len(medians),
             "median_dice_across_wordings": float(np.median(medians)) if medians else None,
             "median_agreement_with_name": float(np.median(agreements)) if agreements else None}
+
+
+def _targets(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The rows of each target: a run's (case, class), asked by name and by paraphrases.  ``seed`` keeps the runs
+    apart where the rows of several are pooled (ablation tables); evaluate's own rows have none."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r.get("seed"), r["case_id"], r["class"]), []).append(r)
+    return groups
+
+
+def heldout_to_name_dice(rows: list[dict], cluster="case_id") -> dict:
+    """Over the targets asked both by name and by held-out paraphrases: the mean over targets of a target's mean
+    paraphrase Dice, over the mean of its name Dice (1: paraphrases do as well as the name), with its bootstrap
+    interval; ``heldout_dice`` and ``name_dice`` give the two means.  Its rows are the targets, resampled within the
+    cases drawn."""
+    targets = []
+    for group in _targets(rows).values():
+        by_name = [r["dice"] for r in group if r["wording"] == "name"]
+        paraphrased = [r["dice"] for r in group if r["wording"] == "heldout"]
+        if by_name and paraphrased:
+            targets.append({**group[0], "name_dice": by_name[0], "heldout_dice": float(np.mean(paraphrased))})
+    return {**bootstrap(targets, ratio("heldout_dice", "name_dice"), cluster=cluster),
+            "heldout_dice": bootstrap(targets, mean("heldout_dice"), cluster=cluster),
+            "name_dice": bootstrap(targets, mean("name_dice"), cluster=cluster)}
+
+
+def mean_intervals(rows: list[dict], column: str = "dice", cluster="case_id") -> dict:
+    """A metric's mean (Dice) overall and per class, each with its bootstrap interval."""
+    classes = sorted({r["class"] for r in rows})
+    return {"overall": bootstrap(rows, mean(column), cluster=cluster),
+            "by_class": {c: bootstrap([r for r in rows if r["class"] == c], mean(column), cluster=cluster)
+                         for c in classes}}
+
+
+def presence_intervals(rows: list[dict], cluster="case_id") -> dict:
+    """The presence head's false-positive rate over absent targets and miss rate over present ones (those of
+    ``absent_target_rates``), each with its bootstrap interval."""
+    absent, present = [r for r in rows if not r["gt_present"]], [r for r in rows if r["gt_present"]]
+    return {"false_positive_rate": bootstrap(absent, rate(lambda r: r["pred_present"]), cluster=cluster),
+            "miss_rate": bootstrap(present, rate(lambda r: not r["pred_present"]), cluster=cluster)}
+
+
+def consistency_intervals(rows: list[dict], cluster="case_id") -> dict:
+    """``paraphrase_consistency``'s medians with their bootstrap intervals; the median Dice across wordings resamples
+    targets (a target's own median is one value) within the cases drawn."""
+    targets = [{**group[0], "median_dice": float(np.median([r["dice"] for r in group]))}
+               for group in _targets(rows).values() if len(group) > 1]
+    return {"median_dice_across_wordings": bootstrap(targets, median("median_dice"), cluster=cluster),
+            "median_agreement_with_name": bootstrap(rows, median("agreement_with_name"), cluster=cluster)}
+
+
+def intervals(named: list[dict], paraphrased: list[dict], cluster="case_id") -> dict:
+    """95% bootstrap intervals (``vlseg.evaluate.uncertainty``: cases, then prompts within each) of Dice per class and
+    overall, by name and on held-out paraphrases (``dice``), of the presence head's absent-target rates both ways,
+    and of paraphrase consistency; ``note`` when every figure rests on one case."""
+    heldout = mean_intervals(paraphrased, cluster=cluster) if paraphrased else None
+    found = {"method": METHOD, "level": LEVEL, "resamples": RESAMPLES, "seed": SEED,
+             "dice": {**mean_intervals(named, cluster=cluster), "overall_heldout": heldout and heldout["overall"],
+                      "by_class_heldout": heldout and heldout["by_class"]},
+             "absent_targets": presence_intervals(named, cluster),
+             "absent_targets_heldout": presence_intervals(paraphrased, cluster) if paraphrased else None,
+             "paraphrase_consistency": consistency_intervals(named + paraphrased, cluster) if paraphrased else None}
+    if found["dice"]["overall"]["cases"] == 1:
+        found["note"] = ONE_CASE
+    return found
 
 
 def _finite(obj):

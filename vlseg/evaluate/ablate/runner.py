@@ -81,7 +81,12 @@ def is_trained(study: Study, run: Run) -> bool:
 
 
 def is_evaluated(study: Study, run: Run) -> bool:
-    return (study.eval_dir(run) / "summary.json").is_file()
+    """Evaluated as the study asks: a summary, with retrieval where the study wants it (an evaluation folder shared
+    with a study that did not ask for it is evaluated again, which adds it)."""
+    path = study.eval_dir(run) / "summary.json"
+    if not path.is_file():
+        return False
+    return not study.retrieval or "retrieval" in json.loads(path.read_text())
 
 
 def execute(study: Study, progress: bool = True) -> None:
@@ -112,7 +117,7 @@ def execute(study: Study, progress: bool = True) -> None:
         segmenter = Segmenter.from_pretrained(run.run_dir)
         manifest = study.manifest or segmenter.config["data"]["manifest"]
         evaluate(segmenter, manifest, study.split, study.eval_dir(run), classes="all" if study.all_classes else None,
-                 progress=progress)
+                 progress=progress, retrieval=study.retrieval)
 
 
 def commands(study: Study, study_path: str | Path) -> list[str]:
@@ -124,7 +129,7 @@ def commands(study: Study, study_path: str | Path) -> list[str]:
         eval_cmd = ["vlseg", "evaluate", "--checkpoint", str(run.run_dir), "--split", study.split,
                     "--out", str(study.eval_dir(run)), "--no-progress",
                     *(["--manifest", study.manifest] if study.manifest else []),
-                    *(["--all-classes"] if study.all_classes else [])]
+                    *(["--all-classes"] if study.all_classes else []), *(["--retrieval"] if study.retrieval else [])]
         lines.append(f"{shlex.join(train_cmd)} && {shlex.join(eval_cmd)}")
     lines.append(shlex.join(["vlseg", "ablate", str(study_path), "--collect"]))
     return lines

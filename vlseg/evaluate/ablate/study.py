@@ -43,6 +43,7 @@ class Study:
     all_classes: bool
     output: Path
     table: Path
+    retrieval: bool = False  # evaluation also scores the text encoder's paraphrase → class retrieval
 
     def eval_dir(self, run: Run) -> Path:
         # Named by the evaluation settings, so a run shared with another study keeps each study's evaluation apart.
@@ -96,4 +97,5 @@ def load_study(path: str | Path) -> Study:
     evaluation = spec.get("evaluate") or {}
     return Study(name=name, base=spec.get("base"), common=common, runs=runs, split=str(evaluation.get("split", "test")),
                  manifest=evaluation.get("manifest"), all_classes=bool(evaluation.get("all_classes", False)),
-                 output=output, table=Path(spec.get("table") or output))
+                 output=output, table=Path(spec.get("table") or output),
+                 retrieval=bool(evaluation.get("retrieval", False)))
