@@ -83,3 +83,48 @@ def test_absent_target_rates_presence_veto_against_the_volume_rule(tiny_run, pha
     consistency = summary["paraphrase_consistency"]  # every wording got the same (empty) answer
     assert consistency["targets"] == 2 and consistency["median_agreement_with_name"] == 1.0
     assert "absent targets (1 asked)" in format_table(summary)
+
+
+def test_the_summary_carries_bootstrap_intervals(tiny_run, phantom_corpus, tmp_path):
+    seg = Segmenter.from_pretrained(tiny_run)
+    seg.config["inference"].update(threshold=0.0, presence_threshold=0.0)  # every voxel: a Dice that varies by case
+    summary = evaluate(seg, phantom_corpus, "test", tmp_path / "ev", progress=False, classes=["liver", "spleen"])
+    intervals = summary["intervals"]
+    assert intervals["resamples"] == 1000 and intervals["level"] == 0.95 and "note" not in intervals
+    overall = intervals["dice"]["overall"]
+    assert overall["estimate"] == pytest.approx(summary["overall"][0]["dice_mean"])
+    assert (overall["cases"], overall["rows"]) == (2, summary["overall"][0]["n"])
+    assert overall["interval"][0] < overall["estimate"] < overall["interval"][1]
+    for group in summary["by_class"] + summary["by_class_heldout"]:
+        side = "by_class_heldout" if group in summary["by_class_heldout"] else "by_class"
+        assert intervals["dice"][side][group["class"]]["estimate"] == pytest.approx(group["dice_mean"])
+    # the presence head's rates, by name and (new) on paraphrases, each with an interval of the same estimate
+    assert summary["absent_targets_heldout"].keys() == summary["absent_targets"].keys()
+    for key in ("absent_targets", "absent_targets_heldout"):
+        for rate in ("false_positive_rate", "miss_rate"):
+            assert intervals[key][rate]["estimate"] == summary[key]["presence_head"][rate]
+    consistency = intervals["paraphrase_consistency"]
+    for key in ("median_dice_across_wordings", "median_agreement_with_name"):
+        assert consistency[key]["estimate"] == pytest.approx(summary["paraphrase_consistency"][key])
+    ratio = summary["heldout_to_name_dice"]
+    assert ratio["rows"] == summary["paraphrase_consistency"]["targets"] and ratio["cases"] == 2
+    assert ratio["estimate"] == pytest.approx(ratio["heldout_dice"]["estimate"] / ratio["name_dice"]["estimate"])
+    assert ratio["estimate"] == pytest.approx(1.0)  # every wording got the same whole-scan mask
+    written = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert written["intervals"]["dice"]["overall"]["interval"] == pytest.approx(overall["interval"])
+    assert "retrieval" not in summary
+    table = format_table(summary)
+    assert "Dice [95% interval]" in table and f"overall Dice {overall['estimate']:.3f} [" in table
+    assert "one case" not in table and "held-out paraphrase Dice / name Dice over 4 targets: 1.000" in table
+
+
+def test_one_case_says_its_interval_covers_prompts_only_and_retrieval_is_scored(tiny_run, phantom_corpus, tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", read_manifest(phantom_corpus, split="test")[:1])
+    summary = evaluate(Segmenter.from_pretrained(tiny_run), manifest, "test", None, progress=False, retrieval=True,
+                       classes=["liver", "spleen"])
+    assert summary["intervals"]["note"] == "one case: the interval covers prompts only, not patients"
+    assert summary["intervals"]["dice"]["overall"]["note"] == summary["intervals"]["note"]
+    assert "(one case: the interval covers prompts only, not patients)" in format_table(summary)
+    found = summary["retrieval"]  # the tiny BERT's own ranking of the bundled vocabulary's paraphrases
+    assert found["queries"] > 0 and 0.0 <= found["top1"] <= found["top5"] <= 1.0
+    assert "paraphrase → class retrieval" in format_table(summary)

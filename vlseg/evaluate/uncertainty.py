@@ -128,7 +128,7 @@ def _values(statistic: Statistic, rows: Sequence[dict]) -> tuple[np.ndarray, lis
         if all(math.isfinite(x) for x in v):
             kept.append(i)
             values.append(v)
-    return np.asarray(values, float).reshape(len(values), -1), kept
+    return (np.asarray(values, float) if values else np.zeros((0, 1))), kept
 
 
 def _cluster_codes(rows: Sequence[dict], cluster) -> np.ndarray:
