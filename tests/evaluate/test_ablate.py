@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from vlseg.cli.ablate import main
 from vlseg.errors import VlsegError
 from vlseg.evaluate.ablate.runner import commands, fingerprint, run_config
 from vlseg.evaluate.ablate.study import load_study
-from vlseg.evaluate.ablate.tables import collect
+from vlseg.evaluate.ablate.tables import collect, write_table
 
 
 def _study(tmp_path, file_name="study.yaml", **spec):
@@ -138,3 +139,107 @@ def test_the_shipped_studies_resolve_build_and_share_their_baseline(tmp_path):
     shared_lr = configs[("fusion", "query_decoder", 2)]["train"]["lr"]
     assert configs[("fusion", "dynamic_head", 2)]["train"]["lr"] == shared_lr == pytest.approx(2e-3)
     assert configs[("fusion", "dodnet", 0)]["text_encoder"]["name"] == "onehot"
+
+
+def _evaluated(study, run, tiny_run, cases: int, retrieval: dict | None = None) -> list[dict]:
+    """A finished run of the study (the tiny checkpoint) with per_case.csv and summary.json written as evaluate writes
+    them, from known scores: case k's Dice is 0.4 + 0.1 k by name (less 0.05 per seed), 0.2 lower by paraphrase, and
+    its spleen is absent, answered correctly by name and wrongly by the first paraphrase."""
+    from vlseg.evaluate.evaluate import columns
+    from vlseg.evaluate.metrics import summarise
+
+    shutil.copytree(tiny_run, run.run_dir)
+    rows = []
+    for k in range(cases):
+        for name in ("liver", "spleen"):
+            for i, (prompt, wording) in enumerate([(name, "name"), (f"the {name}", "heldout"), (f"{name} organ",
+                                                                                                 "heldout")]):
+                absent = name == "spleen" and k == cases - 1
+                pred = 10 if not absent or i == 1 else 0
+                dice = (1.0 if pred == 0 else 0.0) if absent else 0.4 + 0.1 * k - 0.05 * run.seed - 0.2 * bool(i)
+                rows.append({"case_id": f"case{k}", "dataset": "D", "class": name, "prompt": prompt,
+                             "wording": wording, "dice": dice, "gt_voxels": 0 if absent else 20, "pred_voxels": pred,
+                             "gt_present": not absent, "pred_present": pred > 0})
+    named = [r for r in rows if r["wording"] == "name"]
+    summary = {"by_class": summarise(named, ("class",)), "overall": summarise(named, ()), "seconds_per_case": 1.0,
+               "by_class_heldout": summarise([r for r in rows if r["wording"] == "heldout"], ("class",))}
+    if retrieval is not None:
+        summary["retrieval"] = retrieval
+    out = study.eval_dir(run)
+    out.mkdir(parents=True)
+    with open(out / "per_case.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns(), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.json").write_text(json.dumps(summary))
+    return rows
+
+
+def test_ablation_tables_carry_bootstrap_intervals_and_a_prompting_table(tmp_path, tiny_run, capsys):
+    path = _study(tmp_path, name="unc", variants={"a": [], "b": ["loss.name=naive"]}, seeds=[0, 1],
+                  output=str(tmp_path / "out"), table=str(tmp_path / "results"))
+    study = load_study(path)
+    a0, a1, b0, _ = study.runs  # b's second seed never finished
+    retrieval = {"queries": 40, "top1": 0.5, "top5": 0.8, "top1_interval": [0.3, 0.7], "top5_interval": [0.6, 0.9]}
+    pooled = _evaluated(study, a0, tiny_run, 3, retrieval) + _evaluated(study, a1, tiny_run, 3, retrieval)
+    _evaluated(study, b0, tiny_run, 1)
+    rows = collect(study)
+    a, b = rows
+    assert (a["seeds"], a["cases"], b["seeds"], b["cases"]) == (2, 3, 1, 1)
+    # the interval is of the pooled rows of both seeds; mean ± std over seeds is still there beside it
+    overall = a["intervals"]["dice"]["overall"]
+    named = [r["dice"] for r in pooled if r["wording"] == "name"]
+    assert overall["estimate"] == pytest.approx(sum(named) / len(named)) and overall["cases"] == 3
+    assert overall["interval"][0] < overall["estimate"] < overall["interval"][1]
+    assert a["scores"]["dice"]["overall"][0] == pytest.approx(overall["estimate"])  # equal seeds' sizes
+    assert a["intervals"]["dice"]["classes"]["liver"]["rows"] == 6
+    assert a["intervals"]["dice"]["heldout"]["estimate"] == pytest.approx(a["scores"]["dice"]["heldout"][0])
+    prompting = a["prompting"]
+    # targets asked both ways: every (seed, case, class); the spleen of case2 is absent (name 1.0, paraphrases 0.5)
+    targets = [(s, k, c) for s in (0, 1) for k in range(3) for c in ("liver", "spleen")]
+    name = [1.0 if (k, c) == (2, "spleen") else 0.4 + 0.1 * k - 0.05 * s for s, k, c in targets]
+    heldout = [0.5 if (k, c) == (2, "spleen") else 0.2 + 0.1 * k - 0.05 * s for s, k, c in targets]
+    assert prompting["ratio"]["estimate"] == pytest.approx(sum(heldout) / sum(name))
+    assert prompting["name_dice"]["estimate"] == pytest.approx(sum(name) / len(name))
+    assert prompting["false_positive_rate"]["estimate"] == 0.0  # the name's empty mask ...
+    assert prompting["false_positive_rate_heldout"]["estimate"] == 0.5  # ... one paraphrase of two answered anyway
+    assert prompting["miss_rate"]["estimate"] == prompting["miss_rate_heldout"]["estimate"] == 0.0
+    assert prompting["retrieval_top1"] == {"estimate": 0.5, "interval": [0.3, 0.7], "seeds": 2, "queries": 40}
+    assert b["prompting"]["retrieval_top1"] is None
+
+    written = write_table(study, rows, "vlseg ablate unc.yaml")
+    table = written[0].read_text()
+    assert f"| a | 2/2 | {a['scores']['dice']['overall'][0]:.3f} ± " in table
+    lo, hi = overall["interval"]
+    assert f"| ↳ 95% interval | 3 cases | [{lo:.2f}, {hi:.2f}] |" in table
+    assert "## Prompting" in table and "| retrieval top-1 | retrieval top-5 |" in table
+    assert f"| a | 2/2 | 3 | {prompting['name_dice']['estimate']:.3f} [" in table and "50% [30%, 70%]" in table
+    assert "One seed (b): no spread over seeds" in table
+    assert "One case (b): the interval covers prompts only, not patients." in table
+    assert "| ↳ 95% interval | 1 case |" in table
+    # a's absent target is in one of its cases: that cell says so
+    assert "| 0% [0%, 0%] † | 50% [0%, 100%] † |" in table and "† From one case: the interval covers" in table
+    with open(written[1]) as fh:
+        first = next(r for r in csv.DictReader(fh) if r["variant"] == "a" and r["group"] == "overall")
+    assert float(first["dice_lo"]) == pytest.approx(lo) and float(first["dice_hi"]) == pytest.approx(hi)
+    with open(written[3]) as fh:
+        measures = {(r["variant"], r["measure"]): r for r in csv.DictReader(fh)}
+    assert float(measures[("a", "ratio")]["estimate"]) == pytest.approx(prompting["ratio"]["estimate"])
+    assert measures[("b", "ratio")]["lo"] and measures[("a", "retrieval_top5")]["hi"] == "0.9"
+
+
+def test_a_study_can_ask_for_retrieval(tmp_path):
+    from vlseg.evaluate.ablate.runner import is_evaluated
+
+    path = _study(tmp_path, name="r", seeds=[0], evaluate={"split": "test", "retrieval": True},
+                  output=str(tmp_path / "out"))
+    study = load_study(path)
+    assert study.retrieval and "--retrieval" in commands(study, path)[0]
+    assert not load_study(_study(tmp_path, "plain.yaml", name="p", output=str(tmp_path / "p"))).retrieval
+    (run,) = study.runs
+    summary = study.eval_dir(run) / "summary.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"overall": []}))  # evaluated by a study that did not ask for it: again
+    assert not is_evaluated(study, run)
+    summary.write_text(json.dumps({"overall": [], "retrieval": None}))  # asked (None: a one-hot code cannot)
+    assert is_evaluated(study, run)

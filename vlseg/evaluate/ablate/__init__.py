@@ -17,7 +17,7 @@ A study file::
     grid:                              # ... and/or keys whose values are crossed (optional)
       fusion.layers: [1, 2]
     seeds: [0, 1, 2]
-    evaluate: {split: test}            # manifest: default the run's own; all_classes: false
+    evaluate: {split: test}            # manifest: default the run's own; all_classes: false; retrieval: false
     output: checkpoints/ablations/masked_vs_naive
     table: docs/results/masked_vs_naive   # where the markdown/CSV/PNG go (default: output)
 
@@ -27,7 +27,12 @@ an interrupted one continues) and evaluated once.  A run identical to a finished
 parent folder (the same resolved config apart from where it is written) is linked to that run instead of being trained
 again.  The table gives each metric declared for ablation tables (Dice; ``vlseg.evaluate.metrics``), mean ± std over
 seeds per class and overall (and on held-out paraphrases where the vocabulary has them), with the compute each cost:
-parameters in the checkpoint, training time (``run_info.json``) and evaluation seconds per case.
+parameters in the checkpoint, training time (``run_info.json``) and evaluation seconds per case.  Under each variant, a
+row gives each figure's 95% bootstrap interval over cases and prompts, from the per-case rows of its evaluated seeds
+pooled (``tables`` says how they are resampled).  Where paraphrases were asked, a prompting table follows: Dice by
+name and by paraphrase and their ratio, the presence head's absent-target false positives and misses both ways, and
+(``retrieval: true``: every evaluation also ranks the classes for each held-out paraphrase with the text encoder
+alone) retrieval top-1/top-5, each with its interval.  A table resting on one seed or one case says so below it.
 
 The study file is read in ``study``, its runs trained and evaluated (or emitted as shell lines) in ``runner``, and
 tabulated in ``tables``.

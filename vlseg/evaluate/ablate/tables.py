@@ -150,23 +150,33 @@ def _fmt(stat: tuple[float, float, int], fmt: str) -> str:
     return f"{mean:{fmt}}" if n == 1 else f"{mean:{fmt}} ± {std:{fmt}}"  # one seed has no spread to show
 
 
-def _bounds(found: dict | None) -> str:
+ONE_CASE_MARK = " †"  # a cell whose rows come from one case of a variant that has more (e.g. the absent targets)
+
+
+def _mark(text: str, found: dict | None, r: dict) -> str:
+    return text + ONE_CASE_MARK if r["cases"] > 1 and (found or {}).get("note") == ONE_CASE else text
+
+
+def _bounds(found: dict | None, r: dict) -> str:
     """A cell's bootstrap interval, ``[0.61, 0.79]``."""
     interval = (found or {}).get("interval")
-    return f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "–"
+    return _mark(f"[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "–", found, r)
 
 
-def footnotes(rows: list[dict]) -> list[str]:
-    """What a table cannot show: spread over seeds where a variant has one seed, patients where it has one case."""
+def footnotes(rows: list[dict], lines: list[str]) -> list[str]:
+    """What a table (its markdown ``lines``) cannot show: spread over seeds where a variant has one seed, patients
+    where it has one case or a cell rests on one."""
     notes = []
     one_seed = [r["variant"] for r in rows if r["seeds"] == 1]
-    one_case = [r["variant"] for r in rows if r.get("cases") == 1]
+    one_case = [r["variant"] for r in rows if r["cases"] == 1]
     if one_seed:
         notes.append(f"One seed ({', '.join(one_seed)}): no spread over seeds to show; the interval covers cases and "
                      "prompts only.")
     if one_case:
         notes.append(f"One case ({', '.join(one_case)}): {ONE_CASE.split(': ', 1)[1]}.")
-    return notes
+    if any(ONE_CASE_MARK in line for line in lines):
+        notes.append(f"{ONE_CASE_MARK.strip()} From one case: {ONE_CASE.split(': ', 1)[1]}.")
+    return ["", *notes] if notes else []
 
 
 def _compute_cells(r: dict) -> list[str]:
@@ -188,8 +198,8 @@ def _markdown(rows: list[dict], metric: Metric, compute: bool) -> list[str]:
                  _fmt(scores["heldout"], metric.fmt), *(_compute_cells(r) if compute else [])]
         lines.append("| " + " | ".join(cells) + " |")
         found = r["intervals"][metric.name]  # the row under it: each cell's 95% bootstrap interval
-        cells = ["↳ 95% interval", f"{r['cases']} cases", _bounds(found["overall"]),
-                 *[_bounds(found["classes"].get(c)) for c in classes], _bounds(found["heldout"]),
+        cells = ["↳ 95% interval", f"{r['cases']} case{'s' * (r['cases'] != 1)}", _bounds(found["overall"], r),
+                 *[_bounds(found["classes"].get(c), r) for c in classes], _bounds(found["heldout"], r),
                  *([""] * 3 if compute else [])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -215,7 +225,8 @@ def _prompting_markdown(rows: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if r["prompting"]:
-            cells = [format_estimate(r["prompting"][key], percent=percent) for key, _, percent in shown]
+            cells = [_mark(format_estimate(r["prompting"][key], percent=percent), r["prompting"][key], r)
+                     for key, _, percent in shown]
             lines.append("| " + " | ".join([r["variant"], f"{r['seeds']}/{r['of']}", str(r["cases"]), *cells]) + " |")
     return lines
 
@@ -274,16 +285,18 @@ def write_table(study: Study, rows: list[dict], command: str) -> list[Path]:
     study.table.mkdir(parents=True, exist_ok=True)
     shown = ablated()
     lead = shown[0]
-    notes = footnotes(rows)
+    table = _markdown(rows, lead, compute=True)
     md = [f"# {study.name}", "", f"{lead.heading} on split `{study.split}`, mean ± std over seeds. Regenerate with:",
-          "", f"    {command}", "", INTERVAL_ROW, "", *_markdown(rows, lead, compute=True), *["", *notes] * bool(notes)]
+          "", f"    {command}", "", INTERVAL_ROW, "", *table, *footnotes(rows, table)]
     for metric in shown[1:]:
-        md += ["", f"{metric.heading} on split `{study.split}`, mean ± std over seeds:", "",
-               *_markdown(rows, metric, compute=False)]
+        table = _markdown(rows, metric, compute=False)
+        md += ["", f"{metric.heading} on split `{study.split}`, mean ± std over seeds:", "", *table,
+               *footnotes(rows, table)]
     written = [study.table / f"{study.name}.{ext}" for ext in ("md", "csv", "png")]
     if any(r["prompting"] for r in rows):
+        table = _prompting_markdown(rows)
         md += ["", f"## Prompting: by class name and by held-out paraphrase (split `{study.split}`)", "",
-               PROMPTING_CAPTION, "", *_prompting_markdown(rows), *["", *notes] * bool(notes)]
+               PROMPTING_CAPTION, "", *table, *footnotes(rows, table)]
         written.append(study.table / f"{study.name}-prompting.csv")
         _write_prompting_csv(written[3], rows)
     written[0].write_text("\n".join(md) + "\n")
