@@ -118,13 +118,22 @@ def test_the_summary_carries_bootstrap_intervals(tiny_run, phantom_corpus, tmp_p
     assert "one case" not in table and "held-out paraphrase Dice / name Dice over 4 targets: 1.000" in table
 
 
-def test_one_case_says_its_interval_covers_prompts_only_and_retrieval_is_scored(tiny_run, phantom_corpus, tmp_path):
-    manifest = write_manifest(tmp_path / "m.jsonl", read_manifest(phantom_corpus, split="test")[:1])
-    summary = evaluate(Segmenter.from_pretrained(tiny_run), manifest, "test", None, progress=False, retrieval=True,
-                       classes=["liver", "spleen"])
+def test_one_case_says_its_interval_covers_prompts_only_and_retrieval_is_scored(tiny_run, phantom_corpus, tmp_path,
+                                                                               capsys):
+    from vlseg.cli.evaluate import main
+
+    case = read_manifest(phantom_corpus, split="test")[0]
+    case.classes = {name: case.classes[name] for name in ("liver", "spleen")}
+    case.present = {name: case.present[name] for name in case.classes}
+    case.boxes = {name: case.boxes[name] for name in case.classes}
+    manifest = write_manifest(tmp_path / "m.jsonl", [case])
+    assert main(["--checkpoint", str(tiny_run), "--manifest", str(manifest), "--out", str(tmp_path / "ev"),
+                 "--no-progress", "--retrieval"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     assert summary["intervals"]["note"] == "one case: the interval covers prompts only, not patients"
     assert summary["intervals"]["dice"]["overall"]["note"] == summary["intervals"]["note"]
-    assert "(one case: the interval covers prompts only, not patients)" in format_table(summary)
+    assert "(one case: the interval covers prompts only, not patients)" in printed
     found = summary["retrieval"]  # the tiny BERT's own ranking of the bundled vocabulary's paraphrases
     assert found["queries"] > 0 and 0.0 <= found["top1"] <= found["top5"] <= 1.0
-    assert "paraphrase → class retrieval" in format_table(summary)
+    assert f"paraphrase → class retrieval by the text encoder ({found['queries']} queries)" in printed
