@@ -100,8 +100,8 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, path: str | Path, device=None, spacing=None, calibrated: bool = True) -> "Segmenter":
         """``spacing`` (mm: one number or three) replaces the working spacing the checkpoint records.  The presence
-        threshold is the one ``vlseg calibrate`` stored with the checkpoint, if any (``calibrated=False``: the
-        config's)."""
+        threshold is the one ``vlseg calibrate`` stored with the checkpoint, if any, and a class's own where it
+        fitted one (``calibrated=False``: the config's)."""
         from vlseg.checkpoint import resolve_checkpoint
         from vlseg.infer.calibrate import read_calibration
 
@@ -203,6 +203,9 @@ class Segmenter:
         threshold_from = "argument" if presence_threshold is not None else (
             "calibration" if self.calibration else "config")
         presence_threshold = settings.presence_threshold if presence_threshold is None else presence_threshold
+        # A class's own threshold where vlseg calibrate fitted one (an argument overrides them all)
+        by_class = self.calibration.get("class_thresholds", {}) if threshold_from == "calibration" else {}
+        presence_thresholds = [float(by_class.get(m.vocabulary_class, presence_threshold)) for m in matches]
         start = time.perf_counter()
         scan = load_scan(image)
         spacing = data_cfg.working_spacing()  # the rule training recorded it by
@@ -218,7 +221,7 @@ class Segmenter:
         run = functools.partial(self._stitch, emb=self.embed([m.query for m in matches])[None], tta=tta)
         asked, region, windows = list(range(len(prompts))), None, 0  # which prompts the working-spacing pass decodes
         if coarse_to_fine:
-            asked, region, presence, windows = self._coarse_pass(x, run, threshold, presence_threshold)
+            asked, region, presence, windows = self._coarse_pass(x, run, threshold, min(presence_thresholds))
         stitcher, fine_presence = run(x, asked, region=region) if asked else (None, torch.zeros(0))
         if not coarse_to_fine:
             presence = fine_presence
@@ -226,7 +229,7 @@ class Segmenter:
             presence[asked] = fine_presence
         windows += len(stitcher.corners) if stitcher is not None else 0
         # The presence head vetoes masks for targets it judges absent: no hallucinated organs.
-        kept = [q in asked and float(presence[q]) >= presence_threshold for q in range(len(prompts))]
+        kept = [q in asked and float(presence[q]) >= presence_thresholds[q] for q in range(len(prompts))]
         place = Placement(scan.data.shape, frame, (0, 0, 0) if box is None else tuple(box[0]), threshold,
                           settings.largest_component)
         results = [self._result(scan, place, prompt, matches[q], float(presence[q]),
@@ -236,6 +239,9 @@ class Segmenter:
         return SegmentationResult(scan, results, time.perf_counter() - start, self.checkpoint, window,
                                   extra={"device": str(self.device), "presence_threshold": presence_threshold,
                                          "presence_threshold_from": threshold_from,
+                                         "class_presence_thresholds": {  # the prompts whose class had its own
+                                             p: t for p, t, m in zip(prompts, presence_thresholds, matches)
+                                             if m.vocabulary_class in by_class},
                                          "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
                                          "tta": bool(tta),
                                          "accumulated_prompts": stitcher.allocated if stitcher is not None else 0,

@@ -175,6 +175,19 @@ def load_label(path, like: Scan | None = None) -> np.ndarray:
     return rounded.astype(np.int32)
 
 
+def crop_scan(scan: Scan, lo, hi) -> Scan:
+    """The box ``[lo, hi)`` of a scan's canonical grid as an in-memory scan of its own: its affine is the scan's moved
+    to the box's first voxel, so each kept voxel keeps its world position (outputs of the crop lie on the scan)."""
+    lo, hi = np.asarray(lo, dtype=int), np.asarray(hi, dtype=int)
+    if lo.shape != (3,) or hi.shape != (3,) or np.any(lo < 0) or np.any(hi > scan.data.shape) or np.any(hi <= lo):
+        raise VlsegError(f"{scan.name}: crop box {lo.tolist()}..{hi.tolist()} is not inside its grid "
+                         f"{shape_str(scan.data.shape)}")
+    data = np.ascontiguousarray(scan.data[tuple(slice(a, b) for a, b in zip(lo, hi))])
+    affine = scan.affine.copy()
+    affine[:3, 3] = scan.affine[:3, :3] @ lo + scan.affine[:3, 3]
+    return Scan(data, affine, scan.spacing, None, tuple(data.shape), affine.copy())
+
+
 # --------------------------------------------------------------------------------------------------------- modality
 
 
