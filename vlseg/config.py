@@ -25,6 +25,7 @@ import yaml
 from vlseg.errors import VlsegError
 from vlseg.registry import FUSIONS, IMAGE_ENCODERS, LOSSES, TEXT_ENCODERS
 from vlseg.transforms.intensity import CT_WINDOW
+from vlseg.vocab.prompts import NEAREST_MARGIN, NEAREST_MIN_SIMILARITY
 
 # The defaults describe a small model that trains on a CPU; experiment files in configs/ override what they change.
 DEFAULTS: dict[str, Any] = {
@@ -100,6 +101,11 @@ DEFAULTS: dict[str, Any] = {
         "prompt_chunk": 16,  # prompts decoded together from one window's features
         "min_prompt_similarity": 0.3,  # free text less similar than this to every class is refused (bundled MiniLM)
         "interpret_prompts": True,  # map prompts onto the vocabulary first; false: the text encoder reads them as typed
+        # How an understood prompt is embedded: none (a class by its name, free text as typed), synonyms (a class by
+        # its name-and-synonym ensemble), nearest (also free text whose nearest class is confident, as that class)
+        "prompt_ensemble": "none",
+        "nearest_min_similarity": NEAREST_MIN_SIMILARITY,  # nearest: the class's cosine at least this (bundled MiniLM)
+        "nearest_margin": NEAREST_MARGIN,  # ... and this much above the next class's (see vlseg.vocab.prompts)
         "blend": "probability",  # windows blended as probabilities, or as logits (then sigmoid)
         "pad_mode": "replicate",  # a side shorter than the window is padded by edge replication, or with zeros
         "window_placement": "monai",  # window starts as MONAI places them, or nnU-Net's evenly spaced ones
@@ -353,6 +359,9 @@ class InferenceSection:
     prompt_chunk: int
     min_prompt_similarity: float
     interpret_prompts: bool
+    prompt_ensemble: str
+    nearest_min_similarity: float
+    nearest_margin: float
     blend: str
     pad_mode: str
     window_placement: str

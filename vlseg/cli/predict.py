@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vlseg.errors import VlsegError, run_guarded
 from vlseg.io.readers import scan_suffixes
+from vlseg.vocab.prompts import PROMPT_ENSEMBLES
 
 
 def case_name(path: Path) -> str:
@@ -67,13 +68,14 @@ def checked_prompts(prompts, model) -> list[str]:
 
 
 def describe(r, presence_threshold: float) -> str:
-    m = r.match
-    if m is None or m.how in ("name", "as written"):
-        asked = ""
-    elif m.vocabulary_class:
-        asked = f" (as {m.vocabulary_class!r}: {m.how})"
-    else:
-        asked = " (free text; nearest " + ", ".join(f"{c!r} {v:.2f}" for c, v in m.nearest[:2]) + ")"
+    m, notes = r.match, []
+    if m is not None and m.how == "free text":
+        notes.append("free text; nearest " + ", ".join(f"{c!r} {v:.2f}" for c, v in m.nearest[:2]))
+    elif m is not None and m.how not in ("name", "as written"):
+        notes.append(f"as {m.vocabulary_class!r}: {m.how}")
+    if m is not None and m.embedding not in ("as typed", "class name"):
+        notes.append(f"embedding: {m.embedding}")
+    asked = f" ({'; '.join(notes)})" if notes else ""
     verdict = (f"{r.volume_ml:.1f} ml" if r.present else
                "judged absent: empty mask" if r.presence_probability < presence_threshold else
                "nothing above the mask threshold")
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="find the targets at twice the spacing first, then work at full spacing only around them")
     parser.add_argument("--tta", action="store_true",
                         help="average over front-back and head-foot mirrorings (3x the work; never left-right)")
+    parser.add_argument("--prompt-ensemble", choices=PROMPT_ENSEMBLES, default=None,
+                        help="embed a prompt understood as a class by its name and synonyms together (synonyms), and "
+                        "also free text by its nearest class when that is confident (nearest); default: the "
+                        "checkpoint's inference.prompt_ensemble (none)")
     parser.add_argument("--multilabel", action="store_true",
                         help="also write labels.nii.gz (label k = k-th prompt; overlaps go to the smaller structure) "
                         "and its names table labels.json")
@@ -162,6 +168,8 @@ def main(argv=None) -> int:
         from vlseg.infer.segmenter import Segmenter
 
         segmenter = Segmenter.from_pretrained(args.model, device=args.device, spacing=spacing)
+        if args.prompt_ensemble is not None:
+            segmenter.config.setdefault("inference", {})["prompt_ensemble"] = args.prompt_ensemble
         segmenter.understand(prompts)  # a nonsense prompt stops here, before any scan is read
         failures = 0
         for i, (source, out_dir, scan) in enumerate(todo, 1):

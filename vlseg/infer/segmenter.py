@@ -116,8 +116,18 @@ class Segmenter:
         return segmenter
 
     @torch.no_grad()
-    def embed(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder.encode(prompts).to(self.device)
+    def embed(self, prompts: list) -> torch.Tensor:
+        """``[Q, D]`` embeddings of prompts as typed (strings) or as understood (``PromptMatch``: its ``query``, or,
+        asked as a class's synonym ensemble, ``class_embeddings`` at the length of the class name's own embedding, for
+        towers whose embeddings are not unit vectors: SAT).  SAT's modality is the one ``use_modality`` set last."""
+        from vlseg.models.text.ensemble import class_embeddings
+
+        emb = self.text_encoder.encode([p if isinstance(p, str) else p.query for p in prompts])
+        rows = [i for i, p in enumerate(prompts) if not isinstance(p, str) and p.ensembled]
+        if rows:
+            mean = class_embeddings(self.text_encoder, self.vocabulary, [prompts[i].ensembled for i in rows])
+            emb[rows] = (mean.to(emb) * emb[rows].norm(dim=-1, keepdim=True)).to(emb.dtype)
+        return emb.to(self.device)
 
     @property
     def settings(self) -> InferenceSection:
@@ -157,7 +167,9 @@ class Segmenter:
     def understand(self, prompts) -> list[PromptMatch]:
         """How each prompt will be asked (see ``vlseg.vocab.prompts.interpret_prompts``); a one-line error for prompts
         that cannot be meant as a structure."""
-        return interpret_prompts(prompts, self.vocabulary, self.text_encoder, self.settings.min_prompt_similarity)
+        settings = self.settings
+        return interpret_prompts(prompts, self.vocabulary, self.text_encoder, settings.min_prompt_similarity,
+                                 settings.prompt_ensemble, settings.nearest_min_similarity, settings.nearest_margin)
 
     def _coarse_pass(self, x: torch.Tensor, run, threshold: float, presence_threshold: float):
         """A pass at twice the spacing: which prompts are there, the box (plus a quarter window) covering them, their
@@ -218,7 +230,7 @@ class Segmenter:
                                      data_cfg.intensity)
         x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))[None, None]
         del data
-        run = functools.partial(self._stitch, emb=self.embed([m.query for m in matches])[None], tta=tta)
+        run = functools.partial(self._stitch, emb=self.embed(matches)[None], tta=tta)
         asked, region, windows = list(range(len(prompts))), None, 0  # which prompts the working-spacing pass decodes
         if coarse_to_fine:
             asked, region, presence, windows = self._coarse_pass(x, run, threshold, min(presence_thresholds))
