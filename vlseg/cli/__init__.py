@@ -18,6 +18,7 @@ VERBS = {
     "prepare": "build a corpus and its cache: vlseg prepare {convert,cache,phantoms,samples} ...",
     "classes": "list or search the canonical vocabulary (--json, --modality CT)",
     "train": "train a model: vlseg train --config configs/phantom.yaml [key=value ...]",
+    "align-text": "adapt a text tower contrastively on the vocabulary: vlseg align-text --out DIR",
     "params": "parameter counts of a config's network, e.g. vlseg params configs/reference/sat_pro.yaml",
     "launch": "accelerate launch, e.g. vlseg launch --multi_gpu --num_processes 8 train.py ...",
     "import": "a released model as a vlseg model: vlseg import {sat-nano,sat-pro,clip-universal-*,voxtell} ...",
@@ -28,7 +29,7 @@ VERBS = {
     "ablate": "run an ablation study and tabulate it: vlseg ablate configs/ablations/fusion.yaml",
     "demo": "the main job: corpus -> train -> evaluate -> predict 'liver tumor'",
 }
-MODULES = {"import": "import_"}  # verbs whose name is a Python keyword
+MODULES = {"import": "import_", "align-text": "align_text"}  # verbs that are not module names
 
 
 def usage() -> str:

@@ -59,6 +59,35 @@ class ClipTextEncoder(TextEncoder):
                 "template": self.template, "normalize": self.normalize, "fingerprint": self.fingerprint,
                 **({"lora": self.lora} if self.lora else {})}
 
+    def export(self, folder: Path) -> dict:
+        """Write the whole CLIP model, its text tower as adapted here (LoRA merged in) and its vision tower as loaded,
+        as ``open_clip_model.safetensors`` (with the architecture JSON when it came from ``config_dir``); returns the
+        ``text_encoder`` section that loads it."""
+        import shutil
+
+        import open_clip
+        from safetensors.torch import save_file
+
+        text = self.model.merge_and_unload() if self.lora else self.model
+        full = open_clip.create_model(self.model_name, pretrained=str(self.weights) if self.weights else None,
+                                      device="cpu")
+        adapted = {k: v for k, v in text.state_dict().items() if not k.startswith("visual.")}
+        missing = sorted(set(adapted) - set(full.state_dict()))
+        if missing:
+            raise VlsegError(f"cannot export the adapted CLIP tower: {missing[0]!r} is not a key of {self.model_name}")
+        state = {**full.state_dict(), **adapted}
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}  # tied weights stored twice
+        save_file(tensors, folder / "open_clip_model.safetensors")
+        config_dir = None
+        if self.config_dir is not None:
+            config = Path(self.config_dir) / f"{self.model_name}.json"
+            if config.is_file():
+                shutil.copy(config, folder / config.name)
+                config_dir = str(folder)
+        return {"name": "clip", "model_name": self.model_name, "weights": str(folder / "open_clip_model.safetensors"),
+                "config_dir": config_dir, "template": self.template, "normalize": self.normalize}
+
     def embed(self, texts: list[str]) -> torch.Tensor:
         device = self.model.token_embedding.weight.device if hasattr(self.model, "token_embedding") else "cpu"
         tokens = self.tokenizer([self.template.format(t) for t in texts]).to(device)

@@ -97,6 +97,19 @@ class HFTextEncoder(TextEncoder):
             ident.update(padding_side=self.padding_side, lowercase=self.lowercase)
         return ident
 
+    def export(self, folder: Path) -> dict:
+        """Write this tower (LoRA adapters merged in) as a transformers folder; returns the ``text_encoder`` section
+        that loads it."""
+        model = self.model.merge_and_unload() if self.lora else self.model
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        section = {"name": "hf", "path": str(folder), "pooling": self.pooling, "normalize": self.normalize,
+                   "max_length": self.max_length, "template": self.template}
+        if self.pooling == "last" or self.lowercase:
+            section.update(padding_side=self.padding_side, lowercase=self.lowercase)
+        return section
+
     def embed(self, texts: list[str]) -> torch.Tensor:
         device = next(self.model.parameters()).device
         texts = [self.template.format(t.lower() if self.lowercase else t) for t in texts]
