@@ -196,3 +196,13 @@ def test_segment_reports_how_each_prompt_was_embedded(segmenter, phantom_corpus,
     assert line.startswith("'liver' (embedding: synonym ensemble): presence ")
     cli_report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert cli_report["prompts"][0]["embedding"] == "synonym ensemble"
+
+
+def test_free_text_of_one_side_is_never_matched_to_the_other(minilm):
+    vocab, enc = minilm
+    right_only = vocab.subset({"right kidney", "right lung"}, source="test")
+    with pytest.raises(VlsegError) as err:
+        interpret_prompts(["sinistral kidney"], right_only, enc, ensemble="nearest")
+    assert str(err.value).startswith("prompt 'sinistral kidney': every class this model knows is of the other side "
+                                     "than left; ")
+    assert "did you mean" not in str(err.value)  # no suggestion of the other side

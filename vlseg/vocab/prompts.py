@@ -264,11 +264,13 @@ def _nearest(free: list[PromptMatch], vocabulary, text_encoder, ensemble: bool =
 
 
 def _refusal(m: PromptMatch, vocabulary, table: dict[str, str], open_vocabulary: bool, wordy: bool) -> str:
-    """Why a free-text prompt is refused, with what the user may have meant."""
-    guesses = [table[g] for g in difflib.get_close_matches(canonical_form(m.prompt), list(table), n=3, cutoff=0.6)]
+    """Why a free-text prompt is refused, with what the user may have meant (never a class of the other side)."""
+    guesses = [table[g] for g in difflib.get_close_matches(canonical_form(m.prompt), list(table), n=3, cutoff=0.6)
+               if not contradicts(m.prompt, vocabulary, table[g])]
     elsewhere = _full_vocabulary_class(m.prompt, vocabulary)
     reason = ("this model knows only its vocabulary's classes" if not open_vocabulary else
               "it is not a structure name" if not wordy else
+              f"every class this model knows is of the other side than {side(m.prompt)}" if not m.nearest else
               f"it matches no class this model knows (closest: {m.nearest[0][0]!r}, "
               f"similarity {m.nearest[0][1]:.2f})")
     if elsewhere:
