@@ -14,7 +14,8 @@ from vlseg.models.text import build_text_encoder
 from vlseg.models.text.bank import write_bank
 from vlseg.models.text.ensemble import class_embeddings, unit
 from vlseg.prepare.manifest import read_manifest
-from vlseg.vocab.prompts import class_side, ensembles, interpret_prompts, side
+from vlseg.vocab.prompts import class_side, ensembles, interpret_prompts
+from vlseg.vocab.relations import side
 from vlseg.vocab.vocabulary import Vocabulary
 
 CLASSES = {"liver", "liver tumor", "spleen", "heart", "right lung", "left lung", "lung tumor", "left kidney",

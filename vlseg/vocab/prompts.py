@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from vlseg.errors import VlsegError
+from vlseg.vocab.relations import side, sideless
 
 
 def validate_prompts(prompts) -> list[str]:
@@ -192,23 +193,10 @@ def refuse_negation(prompts, vocabulary=None) -> None:
         raise VlsegError(" | ".join(problems))
 
 
-# Whole words that name a side of the body, as anatomists and dataset labels write them ("OpticNrv_L", "lt. kidney",
-# "ren sinister").  "L spine" (lumbar) reads as left too: harmless, since a prompt's side only ever excludes classes
-# of the other side.
-_SIDE_WORDS = {**dict.fromkeys(("left", "l", "lt", "sinister", "sinistra", "sinistral"), "left"),
-               **dict.fromkeys(("right", "r", "rt", "dexter", "dextra", "dextral"), "right")}
-
-
-def side(text: str) -> str | None:
-    """``"left"`` or ``"right"`` when ``text`` names exactly one side by a whole word (see ``_SIDE_WORDS``; "L1"
-    and "lateral" name none), else None: no side, or both ("left and right lungs")."""
-    found = {_SIDE_WORDS[w] for w in re.findall(r"[a-z0-9]+", text.lower()) if w in _SIDE_WORDS}
-    return found.pop() if len(found) == 1 else None
-
-
 def class_side(vocabulary, name: str) -> str | None:
-    """The one side a class's name and synonyms carry ("liver segment 2" is "left lateral superior segment of
-    liver"), or None (side-less, or wordings of both sides)."""
+    """The one side (``vlseg.vocab.relations.side``: left, l, lt, sinister ...; "L spine" reads as left, harmless
+    since a prompt's side only ever excludes classes of the other) a class's name and synonyms carry ("liver segment
+    2" is "left lateral superior segment of liver"), or None (side-less, or wordings of both sides)."""
     sides = {side(text) for text in [name, *vocabulary.synonyms[name]]} - {None}
     return sides.pop() if len(sides) == 1 else None
 
@@ -222,10 +210,9 @@ def contradicts(prompt: str, vocabulary, name: str) -> bool:
 def _side_refusal(m: PromptMatch, vocabulary) -> str:
     """A prompt understood as a class of the other side: the same structure on the prompt's side, if the model
     knows it, or where else it is."""
-    strip = lambda text: " ".join(w for w in canonical_form(text).split() if w not in _SIDE_WORDS)  # noqa: E731
     wanted = side(m.prompt)
     twin = next((n for n in vocabulary.names if class_side(vocabulary, n) == wanted
-                 and strip(n) == strip(m.vocabulary_class)), None)
+                 and sideless(n) == sideless(m.vocabulary_class)), None)
     elsewhere = _full_vocabulary_class(m.prompt, vocabulary)
     hint = (f"did you mean {twin!r}?" if twin else f"this model knows no {wanted}-sided counterpart" +
             (f" ({elsewhere!r} is in vlseg's vocabulary, but this model was not trained on it)" if elsewhere else ""))
