@@ -62,6 +62,18 @@ def test_absent_class_answered_with_a_mask_is_a_false_positive(tiny_run, phantom
     assert pytest.approx(by_class["liver"]["dice_mean"]) == 0.0
 
 
+def test_a_class_is_vetoed_at_its_own_calibrated_threshold(tiny_run, phantom_corpus, tmp_path):
+    case = read_manifest(phantom_corpus, split="test")[0]
+    manifest = write_manifest(tmp_path / "m.jsonl", [case])
+    seg = Segmenter.from_pretrained(tiny_run)
+    seg.config["inference"].update(threshold=0.0)  # every voxel for every prompt the presence head keeps
+    seg.calibration = {"presence_threshold": 0.0, "class_thresholds": {"liver": 1.01}}  # liver: never present
+    seg.config["inference"]["presence_threshold"] = 0.0
+    summary = evaluate(seg, manifest, "test", None, progress=False, heldout=False)
+    predicted = {r["class"]: r["pred_present"] for r in summary["rows"]}
+    assert predicted.pop("liver") is False and all(predicted.values())
+
+
 def test_absent_target_rates_presence_veto_against_the_volume_rule(tiny_run, phantom_corpus, tmp_path):
     case = read_manifest(phantom_corpus, split="test")[0]
     case.classes = {"liver": case.classes["liver"], "spleen": [99]}  # spleen absent

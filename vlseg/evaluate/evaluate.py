@@ -137,9 +137,11 @@ def _score_one_case(segmenter, case, classes: list[str] | None, heldout: bool, p
     # alternative to a presence head (calling a target absent when its predicted volume is small).
     result = segmenter.segment(scan, [text for _, text, _ in asks], modality=case.modality, interpret=False,
                                presence_threshold=0.0)
+    # the class's own threshold where the segmenter was calibrated per class (vlseg calibrate --from-training-crops)
+    threshold_for = getattr(segmenter, "presence_threshold_for", lambda _: presence_threshold)
     rows, by_name = [], {}
     for (name, _, wording), r in zip(asks, result.results):
-        kept = r.presence_probability >= presence_threshold
+        kept = r.presence_probability >= threshold_for(name)
         pred = r.mask.astype(bool) if kept else np.zeros(r.mask.shape, bool)
         scores = score_case(pred, case.class_mask(label, name), scan.spacing, nsd_tolerance_mm)
         row = {"case_id": case.case_id, "dataset": case.dataset, "class": name, "prompt": r.prompt,

@@ -137,6 +137,12 @@ class Segmenter:
     def presence_threshold(self) -> float:
         return self.settings.presence_threshold
 
+    def presence_threshold_for(self, name: str | None) -> float:
+        """The presence threshold a prompt understood as class ``name`` is vetoed at: the class's own where
+        ``vlseg calibrate`` fitted one, else the global one."""
+        by_class = (self.calibration or {}).get("class_thresholds") or {}
+        return float(by_class.get(name, self.presence_threshold))
+
     def _stitch(self, x: torch.Tensor, prompt_ids: list[int], emb: torch.Tensor, tta: bool, region=None):
         """Windows over ``x`` with the backbone run once per window (and mirroring) for every prompt in
         ``prompt_ids``; see ``vlseg.infer.stitching.stitch``."""
@@ -216,8 +222,8 @@ class Segmenter:
             "calibration" if self.calibration else "config")
         presence_threshold = settings.presence_threshold if presence_threshold is None else presence_threshold
         # A class's own threshold where vlseg calibrate fitted one (an argument overrides them all)
-        by_class = self.calibration.get("class_thresholds", {}) if threshold_from == "calibration" else {}
-        presence_thresholds = [float(by_class.get(m.vocabulary_class, presence_threshold)) for m in matches]
+        presence_thresholds = [presence_threshold if threshold_from == "argument" else
+                               self.presence_threshold_for(m.vocabulary_class) for m in matches]
         start = time.perf_counter()
         scan = load_scan(image)
         spacing = data_cfg.working_spacing()  # the rule training recorded it by
@@ -252,8 +258,8 @@ class Segmenter:
                                   extra={"device": str(self.device), "presence_threshold": presence_threshold,
                                          "presence_threshold_from": threshold_from,
                                          "class_presence_thresholds": {  # the prompts whose class had its own
-                                             p: t for p, t, m in zip(prompts, presence_thresholds, matches)
-                                             if m.vocabulary_class in by_class},
+                                             p: t for p, t in zip(prompts, presence_thresholds)
+                                             if t != presence_threshold},
                                          "working_spacing_mm": None if spacing is None else [float(v) for v in spacing],
                                          "tta": bool(tta),
                                          "accumulated_prompts": stitcher.allocated if stitcher is not None else 0,
