@@ -11,6 +11,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
+from vlseg.config import DEFAULTS
 from vlseg.errors import VlsegError
 from vlseg.vocab.relations import side, sideless
 
@@ -269,14 +270,9 @@ def _refusal(m: PromptMatch, vocabulary, table: dict[str, str], open_vocabulary:
 
 
 PROMPT_ENSEMBLES = ("none", "synonyms", "nearest")
-# When free text is asked as its nearest class (``nearest``), measured with the bundled MiniLM on the 513 held-out
-# paraphrases of vlseg's 502 classes, each against all classes' synonym ensembles (benchmarks/prompt_handling.py):
-# at similarity >= 0.8 and margin >= 0.03 it fires for 183 (36%) and picks the paraphrase's own class for 173 (95%);
-# at 0.7 and 0.02, 280 and 246 (88%); at 0.85 and 0.03, 128 and 127 (99%).  Its mistakes are mostly a part asked as
-# its whole ("first thoracic vertebra" as the thoracic spine).  (Ranked by class name alone, the nearest class is
-# right for 62% of the free text, by synonym ensemble for 68%.)
-NEAREST_MIN_SIMILARITY = 0.8
-NEAREST_MARGIN = 0.03
+# The thresholds of ``nearest`` (measured on the bundled MiniLM): defined with the other inference defaults.
+NEAREST_MIN_SIMILARITY = DEFAULTS["inference"]["nearest_min_similarity"]
+NEAREST_MARGIN = DEFAULTS["inference"]["nearest_margin"]
 
 
 def ensembles(text_encoder) -> bool:
