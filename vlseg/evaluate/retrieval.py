@@ -36,7 +36,8 @@ def paraphrase_retrieval(text_encoder, vocabulary, ensemble: bool = False, resam
     for (text, i), row in zip(queries, ranking):
         if row[0] != i:
             kind = counterpart(vocabulary, names[i], names[row[0]])
-            counts[kind] = counts.get(kind, 0) + (kind is not None)
+            if kind is not None:
+                counts[kind] += 1
             errors.append({"query": text, "class": names[i], "answered": names[row[0]], "confusion": kind})
     sided = [k for k, (_, i) in enumerate(queries) if _sided_pair(vocabulary, names[i])]
     lesion = [k for k, (_, i) in enumerate(queries) if is_lesion(names[i])]

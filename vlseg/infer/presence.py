@@ -162,17 +162,25 @@ class Rule:
         raise NotImplementedError
 
 
-class PresenceHead(Rule):
-    name = "presence head"
+class FeatureThreshold(Rule):
+    """A rule that is one feature of the target against one threshold; ``key`` names the threshold in its JSON."""
+
+    feature: str
+    key: str = "threshold"
 
     def __init__(self, threshold: float):
         self.threshold = float(threshold)
 
     def score(self, target: Target) -> float:
-        return target.presence_probability
+        return getattr(target, self.feature)
 
     def to_json(self) -> dict:
-        return {"threshold": self.threshold}
+        return {self.key: self.threshold}
+
+
+class PresenceHead(FeatureThreshold):
+    name = "presence head"
+    feature = "presence_probability"
 
 
 class CalibratedPresence(Rule):
@@ -218,22 +226,14 @@ class CalibratedPresence(Rule):
                    data.get("class_thresholds", {}))
 
 
-class VolumeRule(Rule):
+class VolumeRule(FeatureThreshold):
     name = "predicted-volume rule"
-
-    def __init__(self, min_volume_ml: float):
-        self.threshold = float(min_volume_ml)
-
-    def score(self, target: Target) -> float:
-        return target.volume_ml
+    feature, key = "volume_ml", "min_volume_ml"
 
     @classmethod
     def fit(cls, targets: list[Target]) -> "VolumeRule":
         volume, _ = best_threshold([t.volume_ml for t in targets], [t.present for t in targets], bounds=None)
         return cls(max(volume, 0.0))
-
-    def to_json(self) -> dict:
-        return {"min_volume_ml": self.threshold}
 
 
 def _gaussian(values, floor: float) -> list[float]:

@@ -97,7 +97,8 @@ def align(encoder, vocabulary, settings: AlignSettings, progress: bool = True, l
                          f"and clip towers")
     if len(vocabulary) < 2:
         raise VlsegError("align-text needs a vocabulary of two classes or more")
-    neutral, hard = (torch.from_numpy(m) for m in relation_matrices(vocabulary))
+    nested, counterparts = relation_matrices(vocabulary)
+    neutral, hard = torch.from_numpy(nested), torch.from_numpy(counterparts)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     encoder.frozen = False
@@ -111,7 +112,7 @@ def align(encoder, vocabulary, settings: AlignSettings, progress: bool = True, l
     losses = []
     bar = tqdm(range(settings.steps), desc="aligning text", disable=not progress)
     for step in bar:
-        texts, labels = _batch(rng, vocabulary, hard.numpy(), settings)
+        texts, labels = _batch(rng, vocabulary, counterparts, settings)
         emb = torch.nn.functional.normalize(encoder.embed(texts).float(), dim=-1)
         loss = contrastive_loss(emb, torch.tensor(labels), neutral, hard, settings.temperature, settings.hard_weight)
         optimiser.zero_grad()
